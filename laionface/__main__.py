@@ -1,0 +1,3 @@
+from laionface.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""The one typed config of a laionface pipeline, loaded from `pipelines/*.toml`.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names the
+file and the key instead of a silently ignored setting. `--set section.key=value` overrides are
+applied to the raw TOML before validation, so they are checked exactly like the file itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A pipeline config that can't be used; the message names the file, the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class RunSection(Section):
+    name: str = "laionface"
+    # Where the run folder goes when `--run-dir` is not given: any fsspec URL.
+    run_dir: str = "runs/{name}"
+    seed: int = 0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ClusterSection(Section):
+    # Address of an existing Dask scheduler (tcp://host:8786); empty starts a LocalCluster.
+    scheduler: str = ""
+    workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+    memory_limit: str = "auto"
+    # How many times a failing shard is retried before it is recorded as failed.
+    retries: NonNegativeInt = 2
+    # Dashboard address for a LocalCluster (":0" picks a free port, "" disables it).
+    dashboard_address: str = ":0"
+
+
+class MetadataColumns(Section):
+    sample_id: str = "SAMPLE_ID"
+    url: str = "URL"
+    text: str = "TEXT"
+    height: str = "HEIGHT"
+    width: str = "WIDTH"
+    license: str = "LICENSE"
+    nsfw: str = "NSFW"
+    similarity: str = "similarity"
+
+
+class MetadataSection(Section):
+    # Parquet inputs: paths, globs, folders or fsspec URLs.
+    input: list[str] = Field(default_factory=list)
+    columns: MetadataColumns = Field(default_factory=MetadataColumns)
+    id_list: str = ""
+    exclude_list: str = ""
+    nsfw: list[str] = Field(default_factory=list)
+    min_similarity: float | None = None
+    min_side: NonNegativeInt | None = None
+    max_side: PositiveInt | None = None
+    max_aspect_ratio: Annotated[float, Field(ge=1.0)] | None = None
+    min_caption_chars: NonNegativeInt | None = None
+    max_caption_chars: PositiveInt | None = None
+    url_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
+    blocked_domains: list[str] = Field(default_factory=list)
+    dedup_urls: bool = True
+    rows_per_shard: PositiveInt = 10_000
+
+    @field_validator("input", "nsfw", "url_schemes", "blocked_domains", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class DownloadSection(Section):
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "no"
+    image_size: PositiveInt = 256
+    resize_only_if_bigger: bool = False
+    encode_quality: Annotated[int, Field(ge=0, le=100)] = 95
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+    retries: NonNegativeInt = 0
+    thread_count: PositiveInt = 32
+    min_image_size: NonNegativeInt = 0
+    max_image_area: Annotated[float, Field(gt=0)] = math.inf
+    max_aspect_ratio: Annotated[float, Field(gt=0)] = math.inf
+    user_agent_token: str = "laionface"
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    save_additional_columns: list[str] = Field(
+        default_factory=lambda: ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]
+    )
+    # Refuse hosts that resolve to private/loopback/link-local/reserved addresses unless allowed.
+    allow_loopback: bool = False
+    # Like curl --resolve: {"host" = "127.0.0.1:8080"}; the demo maps its fixed host this way.
+    resolve: dict[str, str] = Field(default_factory=dict)
+    max_bytes: PositiveInt = 50_000_000
+    # Warn when a shard's failure rate passes this fraction.
+    failure_rate_warning: Fraction = 0.5
+
+
+class FacesSection(Section):
+    weights: str = ""
+    network: Literal["mobilenet0.25", "resnet50"] = "mobilenet0.25"
+    max_size: Annotated[int, Field(ge=32, le=4096)] = 640
+    batch_size: PositiveInt = 16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "torch", "onnx"] = "auto"
+    record_threshold: Fraction = 0.5
+    nms_threshold: Fraction = 0.4
+    # Images with more pixels than this are refused before a full decode (no out-of-memory).
+    max_image_pixels: PositiveInt = 50_000_000
+
+
+class SelectSection(Section):
+    min_score: Fraction = 0.9
+    min_faces: NonNegativeInt = 1
+    max_faces: NonNegativeInt | None = None
+    min_face_size: NonNegativeInt = 64
+    min_face_fraction: Fraction = 0.0
+    min_image_side: NonNegativeInt = 0
+
+
+class DedupSection(Section):
+    exact: bool = True
+    near: bool = True
+    max_distance: Annotated[int, Field(ge=0, le=16)] = 4
+    reference: list[str] = Field(default_factory=list)
+    backend: Literal["auto", "memory", "dask"] = "auto"
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EmitSection(Section):
+    samples_per_shard: PositiveInt = 10_000
+    mode: Literal["copy", "manifest"] = "copy"
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    metadata: MetadataSection = Field(default_factory=MetadataSection)
+    download: DownloadSection = Field(default_factory=DownloadSection)
+    faces: FacesSection = Field(default_factory=FacesSection)
+    select: SelectSection = Field(default_factory=SelectSection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    emit: EmitSection = Field(default_factory=EmitSection)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (inf becomes the string "inf")."""
+        return json.loads(self.model_dump_json())
+
+
+# Keys that change how fast a stage runs or where it connects, never what it produces, so they
+# are left out of the fingerprints that decide whether a finished shard is still valid.
+_NOT_AFFECTING_OUTPUT = {
+    "download": {"thread_count", "resolve", "failure_rate_warning"},
+    "faces": {"batch_size", "device", "engine", "weights"},
+    "dedup": {"backend"},
+}
+
+STAGE_ORDER = ("metadata", "download", "faces", "select", "dedup", "emit")
+
+
+def fingerprint(config: Config, stage: str) -> str:
+    """Hash of every setting that shapes `stage`'s output: its own section and all earlier ones.
+
+    A shard finished under another fingerprint is redone, so `--stages select` with new
+    thresholds redoes select, dedup and emit but never the detections.
+    """
+    data = config.resolved()
+    upto = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1]
+    relevant = {}
+    for name in upto:
+        section = dict(data[name])
+        for key in _NOT_AFFECTING_OUTPUT.get(name, ()):
+            section.pop(key, None)
+        relevant[name] = section
+    blob = json.dumps(relevant, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(
+            f"--set {text!r}: expected KEY=VALUE, for example --set faces.batch_size=64"
+        )
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string: --set run.name=my-run
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = ".".join(str(p) for p in error["loc"][:-1])
+        allowed = _allowed_keys(error["loc"][:-1])
+        where = f"section [{section}]" if section else "the top level"
+        return f"{source}: unknown key {key!r} in {where}; allowed keys: {', '.join(allowed)}"
+    got = error.get("input")
+    return f"{source}: {key}: {error['msg']} (got {got!r})"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err, source) for err in exc.errors()]
+        raise ConfigError("invalid pipeline config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a pipeline TOML, apply `--set` overrides, validate; errors name file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline config not found") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    source = str(path) if not overrides else f"{path} (with --set overrides)"
+    return parse_config(apply_overrides(data, overrides), source)

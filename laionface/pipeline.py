@@ -1,0 +1,103 @@
+"""The pipeline: the ordered stages, each a module with `run(ctx)`, run over one Dask client.
+
+A stage module holds the plain per-shard function(s) and a `run(ctx: StageContext)` that lists the
+shards and hands them to `ctx.map_shards`; nothing in a stage knows about Dask.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import time
+from collections.abc import Iterable
+
+from laionface import storage
+from laionface.config import STAGE_ORDER, Config
+from laionface.runner import RunFolder, StageContext, StageFailed, now_iso, open_client
+
+log = logging.getLogger("laionface")
+
+# Stage name -> module with `run(ctx)`. Order is STAGE_ORDER.
+STAGE_MODULES = {
+    "metadata": "laionface.metadata",
+    "download": "laionface.download",
+    "faces": "laionface.faces",
+    "select": "laionface.select",
+    "dedup": "laionface.dedup",
+    "emit": "laionface.emit",
+}
+
+
+def parse_stages(text: str | Iterable[str] | None) -> list[str]:
+    """`--stages metadata,download` -> validated names in pipeline order (all when empty)."""
+    if not text:
+        return list(STAGE_ORDER)
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    unknown = [n for n in names if n not in STAGE_MODULES]
+    if unknown:
+        raise ValueError(
+            f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_ORDER)}"
+        )
+    return [s for s in STAGE_ORDER if s in names]
+
+
+def resolve_run_url(config: Config, run_dir: str | None) -> str:
+    return run_dir or config.run.run_dir.format(name=config.run.name)
+
+
+class _RunLog:
+    """Collects this command's log lines and saves them in the run folder's logs/."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self.buffer = io.StringIO()
+        self.handler = logging.StreamHandler(self.buffer)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.started = time.strftime("%Y%m%d-%H%M%S")
+
+    def __enter__(self) -> _RunLog:
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self.handler)
+        storage.write_bytes(
+            self.run.path("logs", f"{self.started}.log"), self.buffer.getvalue().encode()
+        )
+
+
+def run_pipeline(
+    config: Config,
+    run_dir: str | None = None,
+    stages: str | Iterable[str] | None = None,
+    scheduler: str = "",
+    workers: int | None = None,
+    progress: bool = True,
+    options: dict | None = None,
+) -> RunFolder:
+    """Run the chosen stages in order; raises StageFailed naming the shards that failed."""
+    names = parse_stages(stages)
+    run_url = resolve_run_url(config, run_dir)
+    run = RunFolder(run_url)
+    run.start(config)
+    with _RunLog(run), open_client(config, run_url, scheduler, workers) as client:
+        log.info("run folder: %s", run_url)
+        ctx = StageContext(config, run, client, progress=progress, options=dict(options or {}))
+        for name in names:
+            module = importlib.import_module(STAGE_MODULES[name])
+            status = run.stage(name)
+            status.update(status="running", started=now_iso())
+            run.save()
+            started = time.perf_counter()
+            try:
+                module.run(ctx)
+            except StageFailed:
+                status.update(status="failed", finished=now_iso())
+                run.save()
+                raise
+            status.update(
+                status="done", finished=now_iso(), seconds=round(time.perf_counter() - started, 3)
+            )
+            run.save()
+    return run

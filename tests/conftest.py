@@ -1,0 +1,26 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# The real RetinaFace weights: CI points LAIONFACE_WEIGHTS_DIR at ../shared/models; a developer's
+# checkout beside shared/ gets the same without setting anything.
+if "LAIONFACE_WEIGHTS_DIR" not in os.environ and (SHARED / "models").is_dir():
+    os.environ["LAIONFACE_WEIGHTS_DIR"] = str(SHARED / "models")
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    path = SHARED / "faces"
+    if not path.is_dir():
+        pytest.fail(
+            f"{path} is missing: the tests need the public-domain face photos in shared/faces"
+        )
+    return path

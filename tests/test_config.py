@@ -1,0 +1,117 @@
+"""Pipeline configs: clear errors that name the file and key, --set overrides, shipped pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from laionface.config import Config, ConfigError, fingerprint, load_config
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipe.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["demo", "laion-face-50m", "laion-face-20m"])
+def test_shipped_pipelines_load_and_comment_every_key(name):
+    path = PIPELINES / f"{name}.toml"
+    config = load_config(path)
+    assert isinstance(config, Config)
+    previous = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if "=" in stripped and not stripped.startswith(("#", '"')):
+            commented = "#" in stripped or previous.startswith("#")
+            assert commented, f"{path.name}: key without a comment: {stripped}"
+        previous = stripped
+
+
+def test_laion_face_recipe_values():
+    full = load_config(PIPELINES / "laion-face-50m.toml")
+    assert full.download.resize_mode == "no"
+    assert full.download.thread_count == 128
+    assert set(full.download.save_additional_columns) == {
+        "NSFW",
+        "similarity",
+        "LICENSE",
+        "SAMPLE_ID",
+    }
+    assert full.faces.network == "mobilenet0.25"
+    small = load_config(PIPELINES / "laion-face-20m.toml")
+    parts = sorted(int(p.split("part-")[1][:5]) for p in small.metadata.input)
+    assert parts == [0, 2, 5, 8, 13, 15, 17, 18, 21, 22, 24, 25, 28]
+
+
+def test_unknown_key_names_file_key_and_allowed(tmp_path):
+    path = _write(tmp_path, "[faces]\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "faces.batch_sise" in message
+    assert "batch_size" in message  # the allowed keys are listed
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'facez'.*allowed keys: .*faces"):
+        load_config(_write(tmp_path, "[facez]\nbatch_size = 4\n"))
+
+
+def test_wrong_type_and_out_of_range(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, '[faces]\nbatch_size = "many"\n[select]\nmin_score = 1.5\n'))
+    message = str(err.value)
+    assert "faces.batch_size" in message and "'many'" in message
+    assert "select.min_score" in message and "less than or equal to 1" in message
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"faces.device.*'auto', 'cpu' or 'cuda'"):
+        load_config(_write(tmp_path, '[faces]\ndevice = "tpu"\n'))
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = _write(tmp_path, "[faces]\nbatch_size = 4\n")
+    config = load_config(
+        path,
+        [
+            "faces.batch_size=64",
+            "run.name=my-run",
+            'metadata.nsfw=["UNLIKELY"]',
+            'download.resolve={"example.test" = "127.0.0.1:8080"}',
+        ],
+    )
+    assert config.faces.batch_size == 64
+    assert config.run.name == "my-run"
+    assert config.metadata.nsfw == ["UNLIKELY"]
+    assert config.download.resolve == {"example.test": "127.0.0.1:8080"}
+    with pytest.raises(ConfigError, match="faces.batch_size"):
+        load_config(path, ["faces.batch_size=0"])
+    with pytest.raises(ConfigError, match="unknown key 'faces.nope'"):
+        load_config(path, ["faces.nope=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(path, ["faces.batch_size"])
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[faces\n"))
+
+
+def test_fingerprint_follows_stage_order():
+    base = Config()
+    changed_select = Config()
+    changed_select.select.min_score = 0.5
+    assert fingerprint(base, "faces") == fingerprint(changed_select, "faces")
+    assert fingerprint(base, "select") != fingerprint(changed_select, "select")
+    assert fingerprint(base, "emit") != fingerprint(changed_select, "emit")
+    faster = Config()
+    faster.faces.batch_size = 128
+    assert fingerprint(base, "faces") == fingerprint(faster, "faces")
