@@ -1,0 +1,81 @@
+"""Select: each dropped image gets exactly the documented reason; re-runs need no detector."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from laionface import schemas, storage
+from laionface.config import SelectSection
+from laionface.select import decide, select_shard
+
+
+def face(x1, y1, x2, y2, score):
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": score, "landmarks": [0.0] * 10}
+
+
+def row(faces, width=1000, height=800, error=None, key="000000000"):
+    return {
+        "key": key,
+        "SAMPLE_ID": 1,
+        "width": width,
+        "height": height,
+        "phash": 0,
+        "sha256": "0" * 64,
+        "decode_error": error,
+        "faces": faces,
+    }
+
+
+RULES = SelectSection(min_score=0.9, min_faces=1, max_faces=3, min_face_size=64, min_image_side=100)
+BIG = face(100, 100, 300, 340, 0.99)
+
+
+@pytest.mark.parametrize(
+    ("sample", "reason", "n_faces"),
+    [
+        (row([BIG]), None, 1),
+        (row([BIG], error="cannot identify image file"), "decode_error", 0),
+        (row([BIG], width=90), "image_too_small", 0),
+        (row([]), "no_face", 0),
+        (row([face(100, 100, 300, 340, 0.6)]), "low_score", 0),
+        (row([BIG] * 4), "too_many_faces", 0),
+        (row([face(10, 10, 50, 200, 0.99)]), "face_too_small", 0),
+        # A small scoring face beside a big one: kept, one usable face.
+        (row([BIG, face(10, 10, 40, 40, 0.95)]), None, 1),
+        # Low-scoring detections do not count towards max_faces.
+        (row([BIG, BIG, BIG, face(0, 0, 99, 99, 0.5)]), None, 3),
+    ],
+)
+def test_each_reason(sample, reason, n_faces):
+    assert decide(sample, RULES) == (reason, n_faces)
+
+
+def test_boundaries_are_inclusive():
+    exact = face(0, 0, 64, 64, 0.9)
+    assert decide(row([exact]), RULES) == (None, 1)
+    just_under = face(0, 0, 63.9, 64, 0.9)
+    assert decide(row([just_under]), RULES)[0] == "face_too_small"
+
+
+def test_face_fraction():
+    rules = RULES.model_copy(update={"min_face_fraction": 0.1})
+    assert decide(row([BIG]), rules)[0] == "face_too_small"  # 200x240 of 1000x800 = 6%
+    assert decide(row([face(0, 0, 400, 400, 0.99)]), rules) == (None, 1)
+
+
+def test_select_shard_writes_one_decision_per_image(tmp_path):
+    rows = [
+        row([BIG], key="000000000"),
+        row([], key="000000001"),
+        row([BIG], error="x", key="000000002"),
+    ]
+    faces_url = str(tmp_path / "faces" / "00000.parquet")
+    storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.FACES), faces_url)
+    out_url = str(tmp_path / "select" / "00000.parquet")
+    stats = select_shard(faces_url, out_url, RULES.model_dump())
+    table = storage.read_parquet(out_url)
+    assert table.schema.equals(schemas.SELECT)
+    assert table.column("kept").to_pylist() == [True, False, False]
+    assert table.column("reason").to_pylist() == [None, "no_face", "decode_error"]
+    assert stats == {"items": 3, "kept": 1, "dropped": {"no_face": 1, "decode_error": 1}}
