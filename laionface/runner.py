@@ -139,6 +139,25 @@ def _read_markers(marker_dir: str) -> dict[str, dict]:
     return out
 
 
+def _require_resources(client: Any, resources: dict[str, float], step: str) -> None:
+    """Fail fast instead of waiting forever for a worker that can take the tasks."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # newer distributed lists 5 workers by default
+    except TypeError:
+        info = client.scheduler_info()
+    workers = info["workers"].values()
+    if any(
+        all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers
+    ):
+        return
+    wanted = " ".join(f"{k}={v:g}" for k, v in resources.items())
+    raise RuntimeError(
+        f"stage {step} needs a worker with resources {wanted}, and none of the "
+        f"{len(workers)} workers has them: start one with `dask worker ADDRESS --resources "
+        f'"{wanted}"`, or run this stage on CPU (--set faces.device=cpu)'
+    )
+
+
 @dataclass
 class StageContext:
     """What a stage's `run(ctx)` gets: the config, the run folder and a way to map shards."""
@@ -205,6 +224,8 @@ class StageContext:
             file=sys.stderr,
             dynamic_ncols=True,
         )
+        if todo and resources:
+            _require_resources(self.client, resources, step)
         futures = {}
         for task in todo:
             future = self.client.submit(
@@ -271,7 +292,9 @@ def open_client(
 
     address = scheduler or config.cluster.scheduler
     if address:
-        with Client(address) as client:
+        # A path to a JSON file is a scheduler file (`dask scheduler --scheduler-file`, HPC use).
+        target = {"scheduler_file": address} if address.endswith(".json") else {"address": address}
+        with Client(**target) as client:
             log.info(
                 "connected to Dask scheduler %s (dashboard: %s)", address, client.dashboard_link
             )
