@@ -42,6 +42,17 @@ DROP_COUNTS = pa.schema(
     ]
 )
 
+# metadata/inputs.parquet: one row per metadata input file, in input order;
+# input_rows = kept_rows + the file's counts in metadata/drops/.
+METADATA_INPUTS = pa.schema(
+    [
+        ("source", pa.string()),  # the input file, as in DROP_COUNTS.source and source_file
+        ("input_rows", pa.int64()),
+        ("kept_rows", pa.int64()),  # rows written to metadata/shards/
+        ("dropped_rows", pa.int64()),
+    ]
+)
+
 FACE = pa.struct(
     [
         ("x1", pa.float32()),
@@ -85,7 +96,130 @@ DEDUP = pa.schema(
         ("kept", pa.bool_()),
         ("reason", pa.string()),  # exact_duplicate | near_duplicate | eval_overlap | null
         ("duplicate_of", pa.string()),  # the kept key, or the reference item matched
-        ("distance", pa.int32()),  # pHash Hamming distance to duplicate_of
-        ("cluster", pa.int64()),  # cluster id shared by a keeper and its duplicates
+        ("distance", pa.int32()),  # pHash Hamming distance to duplicate_of (null: no pHash)
+        # The cluster: the row number, in this file, of its keeper; null for eval_overlap.
+        ("cluster", pa.int64()),
+    ]
+)
+
+# audit/funnel.parquet: the funnel (laionface.audit), one row per stage input, drop reason and
+# stage output: outcome is "input", "dropped" (reason set) or "kept".
+AUDIT_FUNNEL = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("outcome", pa.string()),
+        ("reason", pa.string()),  # null unless outcome is "dropped"
+        ("count", pa.int64()),
+        ("pct_of_input", pa.float64()),  # of the rows that entered the first stage
+        ("pct_of_stage_input", pa.float64()),  # of the rows that entered this stage
+    ]
+)
+
+# audit/shards.parquet: the same figures per shard (per input file for metadata, per dataset
+# shard for emit); for every shard, input = kept + the sum of dropped.
+AUDIT_SHARDS = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("shard", pa.string()),
+        ("outcome", pa.string()),
+        ("reason", pa.string()),
+        ("count", pa.int64()),
+    ]
+)
+
+# dedup/samples/NNNNN.parquet: the samples of select shard NNNNN that enter dedup (kept by select),
+# reduced to what dedup needs. sha256 is kept as its first 128 bits (two uint64, big-endian).
+DEDUP_SAMPLES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("phash", pa.uint64()),
+        ("sha256_hi", pa.uint64()),
+        ("sha256_lo", pa.uint64()),
+        ("pixels", pa.int64()),  # width * height
+        ("best_score", pa.float32()),  # highest detection score; null when no detection
+    ]
+)
+
+# dedup/bands/NNNNN.parquet (sharded search, map side): each distinct hash once per table, bit-
+# permuted so the table's key is on top; one row group per partition (top bits of the key).
+DEDUP_BANDS = pa.schema([("table", pa.uint16()), ("hash", pa.uint64())])
+
+# dedup/pairs/NNNNN.parquet (sharded search, reduce side): hash pairs within dedup.max_distance.
+HASH_PAIRS = pa.schema([("a", pa.uint64()), ("b", pa.uint64()), ("distance", pa.int32())])
+
+# A reference hash file (`build_reference`, dedup.reference): the pHash of each reference image.
+REFERENCE_HASHES = pa.schema(
+    [
+        ("phash", pa.uint64()),
+        ("item", pa.string()),  # the image it came from: a path, or TAR#member
+    ]
+)
+
+# dataset/NNNNN.parquet: one row per sample of dataset shard NNNNN, in the tar's order.
+# The same fields as each sample's {key}.json (manifests/README.md documents each one).
+DATASET_SHARD = pa.schema(
+    [
+        ("key", pa.string()),  # the sample's key in the tar (the raw img2dataset key)
+        ("SAMPLE_ID", pa.int64()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),  # of the EXIF-upright image, the frame the boxes are in
+        ("height", pa.int32()),
+        ("LICENSE", pa.string()),
+        ("NSFW", pa.string()),
+        ("similarity", pa.float64()),
+        ("sha256", pa.string()),  # of the image member's bytes
+        ("phash", pa.string()),  # 64-bit pHash as 16 hex digits
+        ("n_faces", pa.int32()),  # faces passing every select rule
+        ("faces", pa.list_(FACE)),  # detections scoring >= select.min_score, pixel coordinates
+        ("raw_shard", pa.string()),  # the raw/NNNNN.tar the sample came from
+    ]
+)
+
+# dataset/manifest.parquet: where every sample's members lie, for random access by byte range.
+MANIFEST = pa.schema(
+    [
+        ("key", pa.string()),
+        ("SAMPLE_ID", pa.int64()),
+        ("shard", pa.string()),  # the dataset shard (its NNNNN.parquet holds the sample's row)
+        ("index", pa.int32()),  # row of the sample in that parquet
+        ("tar", pa.string()),  # the tar holding the members (see dataset.json "mode")
+        ("sample_offset", pa.int64()),  # first header of the sample's members
+        ("sample_size", pa.int64()),  # bytes up to the end of its last member's padding
+        ("image_ext", pa.string()),
+        ("image_offset", pa.int64()),  # start of the member's data (after its header)
+        ("image_size", pa.int64()),
+        ("json_offset", pa.int64()),
+        ("json_size", pa.int64()),
+        ("txt_offset", pa.int64()),
+        ("txt_size", pa.int64()),
+    ]
+)
+
+# A face box without score or landmarks (ground truth).
+BOX = pa.struct(
+    [("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())]
+)
+
+# The demo corpus's truth.parquet (laionface.corpus): what each metadata row really is.
+DEMO_TRUTH = pa.schema(
+    [
+        ("SAMPLE_ID", pa.int64()),
+        ("URL", pa.string()),
+        ("case", pa.string()),
+        ("expected_status", pa.string()),
+        ("path", pa.string()),
+        ("file", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("layout", pa.string()),
+        ("n_faces", pa.int32()),
+        ("faces", pa.list_(BOX)),
+        ("dup_group", pa.int32()),
+        ("dup_kind", pa.string()),
+        ("wh_swapped", pa.bool_()),
+        ("sources", pa.list_(pa.string())),
     ]
 )
