@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +34,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf (no limit) is written as "Infinity", so a saved config validates again.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -56,6 +64,8 @@ class ClusterSection(Section):
 
 
 class MetadataColumns(Section):
+    # Input column names; "" marks a column the input lacks (its output column is null), allowed
+    # for every column but url and text, and only when no filter reads it.
     sample_id: str = "SAMPLE_ID"
     url: str = "URL"
     text: str = "TEXT"
@@ -89,6 +99,38 @@ class MetadataSection(Section):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("url_schemes")
+    @classmethod
+    def _bare_schemes(cls, value: list[str]) -> list[str]:
+        return [s.strip().lower().removesuffix("://").removesuffix(":") for s in value]
+
+    @field_validator("blocked_domains")
+    @classmethod
+    def _bare_domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().removeprefix("*").strip(".") for d in value]
+
+    @model_validator(mode="after")
+    def _filters_have_columns(self) -> MetadataSection:
+        sized = (self.min_side, self.max_side, self.max_aspect_ratio) != (None, None, None)
+        needed = {
+            "url": True,
+            "text": True,
+            "nsfw": bool(self.nsfw),
+            "similarity": self.min_similarity is not None,
+            "width": sized,
+            "height": sized,
+        }
+        empty = [
+            f"columns.{k}" for k, need in needed.items() if need and not getattr(self.columns, k)
+        ]
+        if empty:
+            raise ValueError(f"{', '.join(empty)} can't be empty: the output or a filter reads it")
+        for low, high in (("min_side", "max_side"), ("min_caption_chars", "max_caption_chars")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value is not None and high_value is not None and low_value > high_value:
+                raise ValueError(f"{low} ({low_value}) is above {high} ({high_value})")
+        return self
+
 
 class DownloadSection(Section):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "no"
@@ -113,6 +155,13 @@ class DownloadSection(Section):
     # Like curl --resolve: {"host" = "127.0.0.1:8080"}; the demo maps its fixed host this way.
     resolve: dict[str, str] = Field(default_factory=dict)
     max_bytes: PositiveInt = 50_000_000
+    # A response body still arriving this many seconds after its request began is abandoned as a
+    # timeout (the socket timeout applies per read, so a trickling server could hold a thread).
+    # 0 = 3 x timeout.
+    request_deadline: Annotated[float, Field(ge=0)] = 0.0
+    # A shard not finished after this many seconds fails (and is retried), so nothing can hang a
+    # run. 0 = derived from the shard's rows, thread_count, retries and the request deadline.
+    shard_deadline: Annotated[float, Field(ge=0)] = 0.0
     # Warn when a shard's failure rate passes this fraction.
     failure_rate_warning: Fraction = 0.5
 
@@ -128,6 +177,14 @@ class FacesSection(Section):
     nms_threshold: Fraction = 0.4
     # Images with more pixels than this are refused before a full decode (no out-of-memory).
     max_image_pixels: PositiveInt = 50_000_000
+    # Dask resources each faces task asks the scheduler for, e.g. {GPU = 1}; unset: {GPU = 1}
+    # when device is "cuda", none otherwise. Workers offer them with `--resources GPU=1`.
+    resources: dict[str, float] | None = None
+
+    def task_resources(self) -> dict[str, float] | None:
+        if self.resources is not None:
+            return self.resources or None
+        return {"GPU": 1} if self.device == "cuda" else None
 
 
 class SelectSection(Section):
@@ -168,15 +225,15 @@ class Config(Section):
     emit: EmitSection = Field(default_factory=EmitSection)
 
     def resolved(self) -> dict[str, Any]:
-        """The config as plain JSON-able data (inf becomes the string "inf")."""
+        """The config as plain JSON-able data (inf becomes the string "Infinity")."""
         return json.loads(self.model_dump_json())
 
 
 # Keys that change how fast a stage runs or where it connects, never what it produces, so they
 # are left out of the fingerprints that decide whether a finished shard is still valid.
 _NOT_AFFECTING_OUTPUT = {
-    "download": {"thread_count", "resolve", "failure_rate_warning"},
-    "faces": {"batch_size", "device", "engine", "weights"},
+    "download": {"thread_count", "resolve", "failure_rate_warning", "shard_deadline"},
+    "faces": {"batch_size", "device", "engine", "weights", "resources"},
     "dedup": {"backend"},
 }
 
