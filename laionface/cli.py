@@ -8,7 +8,6 @@ import sys
 
 from laionface import __version__
 from laionface.config import ConfigError, load_config
-from laionface.runner import StageFailed
 
 log = logging.getLogger("laionface")
 
@@ -75,7 +74,119 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scheduler", default="", help="address of an existing Dask scheduler")
     demo.add_argument("--workers", type=int, help="LocalCluster workers")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    stats = commands.add_parser(
+        "stats",
+        help="print a run's funnel: where every input row went",
+        description="Print the funnel (stage, reason, count, %% of input, %% of stage input) and "
+        "check that every input row has exactly one fate.",
+        epilog="example:\n  laionface stats runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stats.add_argument("run", help="run folder (any fsspec URL)")
+
+    report = commands.add_parser(
+        "report",
+        help="write a run's self-contained HTML report",
+        description="Write one HTML file with the funnel, plots and contact sheets of kept and "
+        "dropped samples; it needs no network to open.",
+        epilog="example:\n  laionface report runs/demo   # writes runs/demo/audit/report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run", help="run folder (any fsspec URL)")
+    report.add_argument("--out", help="output file (default: RUN/audit/report.html)")
+
+    verify = commands.add_parser(
+        "verify",
+        help="check a dataset: checksums, tar/parquet agreement, keys, indexes, images",
+        description="Check every checksum, that tars and parquet files agree, key rules and "
+        "uniqueness, sizes.json and shardindex.json, and that every image decodes. Exit 0 only "
+        "if all hold; otherwise every problem found is listed.",
+        epilog="examples:\n  laionface verify runs/demo/dataset\n  laionface verify s3://bucket/faces",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("path", help="a dataset folder or a run folder (any fsspec URL)")
+    verify.add_argument("--no-images", action="store_true", help="skip decoding every image")
+    verify.add_argument("--source-root", help="manifest mode: where raw/ lives (default: recorded)")
+    verify.add_argument("--workers", type=int, help="parallel shard checks")
+
+    publish = commands.add_parser(
+        "publish",
+        help="copy a run's dataset to a target, verify the copy, write dataset.json last",
+        description="Copy the dataset to TARGET (a folder, s3://, gs://, any fsspec URL), verify "
+        "the copy and write dataset.json last, so readers never see a half-published dataset. "
+        "Re-running after an interruption continues where it stopped. For S3-compatible stores "
+        "set FSSPEC_S3_ENDPOINT_URL=http://host:9000.",
+        epilog="example:\n  laionface publish runs/demo s3://bucket/laion-face-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    publish.add_argument("run", help="run folder or dataset folder")
+    publish.add_argument("target", help="where to publish (any fsspec URL)")
+    publish.add_argument("--replace", action="store_true", help="replace another dataset there")
+    publish.add_argument("--workers", type=int, default=4, help="parallel copies (default: 4)")
+
+    export = commands.add_parser(
+        "export",
+        help="export SAMPLE_ID lists, URL lists or detections in LAION-Face's formats",
+        description="Export the published samples: ids-parquet (SAMPLE_IDs), urls (URL + "
+        "caption), laion-face-pth (laion_face_ids.pth's layout: a list of per-part SAMPLE_ID "
+        "lists), sample2detect (sample2detect_{i}.pth per part: SAMPLE_ID -> [(box, "
+        "landmarks[5,2], score), ...]).",
+        epilog="example:\n  laionface export runs/demo --format laion-face-pth exports/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("run", help="run folder")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["ids-parquet", "urls", "laion-face-pth", "sample2detect"],
+        help="what to export",
+    )
+    export.add_argument("out", help="output folder (any fsspec URL)")
     return parser
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from laionface.audit import stats_command
+
+    return stats_command(args.run)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from laionface.report import report_command
+
+    return report_command(args.run, out=args.out)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from laionface.verify import dataset_folder, verify
+
+    problems = verify(
+        dataset_folder(args.path),
+        source_root=args.source_root,
+        check_images=not args.no_images,
+        workers=args.workers,
+    )
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.path}: dataset verified, no problems found")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from laionface.publish import publish
+
+    return publish(args.run, args.target, replace=args.replace, workers=args.workers)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from laionface.export import export
+
+    for path in export(args.run, args.format, args.out):
+        print(path)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -110,7 +221,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "stats": cmd_stats,
+    "report": cmd_report,
+    "verify": cmd_verify,
+    "publish": cmd_publish,
+    "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except StageFailed as exc:
+    except Exception as exc:
+        # laionface's own errors and missing files say what to do; anything else is a bug and
+        # keeps its traceback.
+        if not (type(exc).__module__.startswith("laionface") or isinstance(exc, FileNotFoundError)):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

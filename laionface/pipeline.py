@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from laionface import storage
+from laionface import audit, storage
 from laionface.config import STAGE_ORDER, Config
 from laionface.runner import RunFolder, StageContext, StageFailed, now_iso, open_client
 
@@ -100,4 +100,12 @@ def run_pipeline(
                 status="done", finished=now_iso(), seconds=round(time.perf_counter() - started, 3)
             )
             run.save()
+        # Every input row must have exactly one fate; a mismatch is an error naming the shards.
+        result = audit.write_audit(run_url)
+        log.info(
+            "audit: %d input rows, %d kept; funnel in %s",
+            result.input_rows,
+            result.kept,
+            run.path("audit"),
+        )
     return run

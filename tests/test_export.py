@@ -1,0 +1,85 @@
+"""export: SAMPLE_ID lists, URL lists and detections in the layouts LAION-Face users know."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from laionface import schemas, storage
+from laionface.export import ExportError, export
+from tests import datasetrun
+
+SHARDS = ["00000", "00001", "00002", "00003", "00004"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_faces):
+    return datasetrun.built_run(tmp_path_factory, shared_faces)
+
+
+@pytest.fixture(scope="module")
+def rows(built):
+    return [
+        r
+        for s in SHARDS
+        for r in storage.read_parquet(str(built.dataset / f"{s}.parquet")).to_pylist()
+    ]
+
+
+def test_sample_id_list_as_parquet(built, rows, tmp_path):
+    written = export(str(built.run), "ids-parquet", str(tmp_path))
+    assert written == [str(tmp_path / "sample_ids.parquet")]
+    table = storage.read_parquet(written[0])
+    assert table.column_names == ["SAMPLE_ID"]
+    assert table.column("SAMPLE_ID").to_pylist() == sorted(r["SAMPLE_ID"] for r in rows)
+
+
+def test_url_and_caption_list_is_laion_metadata(built, rows, tmp_path):
+    (url,) = export(str(built.dataset), "urls", str(tmp_path))
+    table = storage.read_parquet(url)
+    assert table.schema.equals(schemas.LAION_METADATA)
+    assert [
+        (r["SAMPLE_ID"], r["URL"], r["TEXT"], r["WIDTH"], r["HEIGHT"]) for r in table.to_pylist()
+    ] == [(r["SAMPLE_ID"], r["url"], r["caption"], r["width"], r["height"]) for r in rows]
+
+
+def test_laion_face_ids_pth_layout(built, rows, tmp_path):
+    (path,) = export(str(built.run), "laion-face-pth", str(tmp_path))
+    assert path.endswith("/laion_face_ids.pth")
+    ids = torch.load(path, weights_only=True)
+    # One collection per LAION-400M part, indexed by part number, as convert_parquet.py reads it.
+    assert isinstance(ids, list) and len(ids) == 32
+    expected = {3: [], 17: []}
+    for row in rows:
+        expected[built.part_of[row["SAMPLE_ID"]]].append(row["SAMPLE_ID"])
+    assert expected[3] and expected[17]
+    for part in range(32):
+        assert ids[part] == sorted(expected.get(part, []))
+    samples = set(ids[17])
+    assert all(isinstance(i, int) for i in samples) and rows[-1]["SAMPLE_ID"] in samples
+
+
+def test_sample2detect_pth_layout(built, rows, tmp_path):
+    written = export(str(built.run), "sample2detect", str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in written] == ["sample2detect_3.pth", "sample2detect_17.pth"]
+    detections = {}
+    for path in written:
+        detections.update(torch.load(path, weights_only=True))
+    assert sorted(detections) == sorted(r["SAMPLE_ID"] for r in rows)
+    for row in rows:
+        faces = detections[int(row["SAMPLE_ID"])]
+        assert len(faces) == len(row["faces"]) == 1
+        box, landmarks, score = faces[0]  # LAION-Face's README unpacks it this way
+        face = row["faces"][0]
+        assert box.tolist() == [face["x1"], face["y1"], face["x2"], face["y2"]]
+        assert landmarks.shape == (5, 2) and landmarks.flatten().tolist() == face["landmarks"]
+        assert score == pytest.approx(face["score"])
+
+
+def test_export_errors_say_what_is_missing(built, tmp_path):
+    with pytest.raises(ExportError, match="unknown export format 'csv'"):
+        export(str(built.run), "csv", str(tmp_path))
+    with pytest.raises(ExportError, match="the .pth formats need the metadata stage's shards"):
+        export(str(built.dataset), "laion-face-pth", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run the emit stage first"):
+        export(str(tmp_path), "urls", str(tmp_path / "out"))

@@ -1,0 +1,201 @@
+"""verify: an intact dataset passes; each planted defect is found and named."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import fsspec
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from laionface import storage
+from laionface.tarindex import TarWriter, UnsafeTar, iter_members
+from laionface.verify import image_problem, verify
+from tests import datasetrun
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_faces):
+    return datasetrun.built_run(tmp_path_factory, shared_faces)
+
+
+@pytest.fixture
+def dataset(built, tmp_path):
+    """A copy of the dataset folder to damage."""
+    return shutil.copytree(built.dataset, tmp_path / "dataset")
+
+
+def manifest_rows(dataset) -> list[dict]:
+    return storage.read_parquet(str(dataset / "manifest.parquet")).to_pylist()
+
+
+def members_of(path) -> list[tuple[str, bytes]]:
+    with open(path, "rb") as handle:
+        return [(m.name, data) for m, data in iter_members(handle, source=str(path))]
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with open(path, "wb") as handle:
+        writer = TarWriter(handle)
+        for name, data in members:
+            writer.add(name, data)
+        writer.close()
+
+
+def test_intact_dataset_passes(built):
+    assert verify(str(built.dataset)) == []
+
+
+def test_intact_dataset_passes_on_an_fsspec_url(built):
+    url = "memory://verify-test/dataset"
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.put(str(built.dataset) + "/", url.split("://")[1], recursive=True)
+        assert verify(url) == []
+        fs.rm("/verify-test/dataset/00003.parquet")
+        assert verify(url)[0] == "00003.parquet: listed in dataset.json but missing"
+    finally:
+        fs.rm("/verify-test", recursive=True)
+
+
+def test_flipped_byte(dataset):
+    row = manifest_rows(dataset)[5]
+    tar = dataset / row["tar"]
+    data = bytearray(tar.read_bytes())
+    data[row["image_offset"] + row["image_size"] // 2] ^= 0x01
+    tar.write_bytes(bytes(data))
+    problems = verify(str(dataset))
+    key = row["key"]
+    assert f"{row['tar']}: sha256 differs from dataset.json (the file is corrupt or changed)" in (
+        problems
+    )
+    assert f"{row['tar']}: {key}.jpg: sha256 differs from the one in {key}.json" in problems
+
+
+def test_missing_shard(dataset):
+    (dataset / "00002.tar").unlink()
+    problems = verify(str(dataset))
+    assert "00002.tar: listed in dataset.json but missing" in problems
+    assert "sizes.json: 00002.tar: says 4, the tar has None" in problems
+
+
+def test_duplicate_key_across_shards(dataset):
+    first = members_of(dataset / "00000.tar")[:3]  # one whole sample of shard 00000
+    rest = members_of(dataset / "00001.tar")[3:]
+    write_tar(dataset / "00001.tar", first + rest)
+    key = first[0][0].split(".")[0]
+    problems = verify(str(dataset))
+    assert (
+        f"keys: key {key} appears in 00000.tar and 00001.tar; keys must be unique across the "
+        "dataset"
+    ) in problems
+
+
+def test_parquet_and_tar_counts_differ(dataset):
+    table = storage.read_parquet(str(dataset / "00003.parquet"))
+    storage.write_parquet(table.slice(0, 3), str(dataset / "00003.parquet"))
+    problems = verify(str(dataset))
+    assert "00003.parquet: 3 rows but 00003.tar has 4 samples" in problems
+
+
+def test_key_rules(dataset):
+    members = members_of(dataset / "00004.tar")  # 3 samples: a.jpg a.json a.txt b.jpg ...
+    a, b = members[0][0].split(".")[0], members[3][0].split(".")[0]
+    shuffled = [members[0], members[3], members[1], members[2], members[2]] + members[4:]
+    with open(dataset / "00004.tar", "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in [*shuffled, ("odd.key.jpg", b"x"), ("UPPER.JPG", b"x")]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    problems = verify(str(dataset))
+    assert f"00004.tar: key {a}: its members are not adjacent" in problems
+    assert f"00004.tar: key {a}: two .txt members" in problems
+    assert (
+        "00004.tar: member 'odd.key.jpg': a key must not contain dots (webdataset splits at the "
+        "first)"
+    ) in problems
+    assert (
+        "00004.tar: member 'UPPER.JPG': extension 'JPG' must be lower-case letters or digits"
+        in (problems)
+    )
+    assert any(p.startswith(f"00004.tar: key {b}: no .json, .txt member") for p in problems)
+
+
+def test_unsafe_member_stops_the_read(dataset):
+    with open(dataset / "00004.tar", "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w") as tar:
+            info = tarfile.TarInfo("../../etc/passwd.txt")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    problems = verify(str(dataset))
+    assert (
+        "00004.tar: member '../../etc/passwd.txt' has a path, not a plain name; "
+        "stopped reading this tar"
+    ) in problems
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        link = tarfile.TarInfo("link.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    buffer.seek(0)
+    with pytest.raises(UnsafeTar, match="member 'link.jpg' is not a regular file"):
+        list(iter_members(buffer, source="t.tar", wanted=lambda m: False))
+
+
+def test_oversized_member_is_refused_unread(dataset):
+    with open(dataset / "00000.tar", "rb") as handle, pytest.raises(UnsafeTar, match="byte cap"):
+        list(iter_members(handle, source="00000.tar", max_member_bytes=1000))
+
+
+def test_manifest_offsets_must_point_at_the_members(dataset):
+    table = storage.read_parquet(str(dataset / "manifest.parquet"))
+    offsets = table.column("image_offset").to_pylist()
+    offsets[2] += 512
+    table = table.set_column(
+        table.schema.get_field_index("image_offset"), "image_offset", pa.array(offsets, pa.int64())
+    )
+    storage.write_parquet(table, str(dataset / "manifest.parquet"))
+    key = table.column("key")[2].as_py()
+    problems = verify(str(dataset))
+    assert f"manifest.parquet: key {key}: image_offset do not match its tar" in problems
+
+
+def test_sizes_and_shardindex_must_match_the_tars(dataset):
+    (dataset / "sizes.json").write_text(json.dumps({"00000.tar": 5, "00001.tar": 4}))
+    index = json.loads((dataset / "shardindex.json").read_text())
+    index["shardlist"][1]["md5sum"] = "0" * 32
+    (dataset / "shardindex.json").write_text(json.dumps(index))
+    problems = verify(str(dataset))
+    assert "sizes.json: 00000.tar: says 5, the tar has 4" in problems
+    assert "sizes.json: 00002.tar: says None, the tar has 4" in problems
+    assert any(p.startswith("shardindex.json: 00001.tar: md5sum is '000") for p in problems)
+
+
+def test_incomplete_or_unknown_folders(dataset, tmp_path):
+    (dataset / "notes.txt").write_text("hello")
+    (dataset / ".tmp-0123-00000.tar").write_bytes(b"partial")
+    problems = verify(str(dataset))
+    assert problems == [
+        ".tmp-0123-00000.tar: a leftover partial write; delete it",
+        "notes.txt: not listed in dataset.json",
+    ]
+    (dataset / "dataset.json").unlink()
+    assert verify(str(dataset)) == [
+        f"{dataset}/dataset.json: missing, so this is not a complete dataset (emit or publish did "
+        "not finish, or the path is wrong)"
+    ]
+    assert verify(str(tmp_path / "nowhere"))[0].endswith("or the path is wrong)")
+
+
+def test_image_checks():
+    assert image_problem(b"\xff\xd8 not really a jpeg", 10**6).startswith("does not decode")
+    big = io.BytesIO()
+    Image.new("L", (4000, 3000)).save(big, "PNG")
+    assert image_problem(big.getvalue(), 10**6) == "4000x3000 pixels, over the 1,000,000 pixel cap"
+    assert image_problem(big.getvalue(), 10**8) is None
