@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from laionface import audit, storage
 from laionface.config import STAGE_ORDER, Config
-from laionface.runner import RunFolder, StageContext, StageFailed, now_iso, open_client
+from laionface.runner import RunFolder, StageContext, now_iso, open_client
 
 log = logging.getLogger("laionface")
 
@@ -76,7 +76,10 @@ def run_pipeline(
     progress: bool = True,
     options: dict | None = None,
 ) -> RunFolder:
-    """Run the chosen stages in order; raises StageFailed naming the shards that failed."""
+    """Run the chosen stages in order; raises StageFailed naming the shards that failed.
+
+    A stage that raises is marked "failed" in run.json with its error, whatever the error.
+    """
     names = parse_stages(stages)
     run_url = resolve_run_url(config, run_dir)
     run = RunFolder(run_url)
@@ -92,8 +95,10 @@ def run_pipeline(
             started = time.perf_counter()
             try:
                 module.run(ctx)
-            except StageFailed:
-                status.update(status="failed", finished=now_iso())
+            except BaseException as exc:
+                status.update(
+                    status="failed", finished=now_iso(), error=f"{type(exc).__name__}: {exc}"
+                )
                 run.save()
                 raise
             status.update(

@@ -302,15 +302,19 @@ def open_client(
         return
     # memory:// exists only inside this process, so its workers must be threads here.
     processes = not storage.is_process_local(run_url)
+    dashboard = bool(config.cluster.dashboard_address)
     cluster = LocalCluster(
         n_workers=workers or config.cluster.workers,
         threads_per_worker=config.cluster.threads_per_worker,
         processes=processes,
         memory_limit=config.cluster.memory_limit,
-        dashboard_address=config.cluster.dashboard_address or None,
+        # The scheduler keeps an HTTP server (health checks) even without a dashboard; a free
+        # port stops it from fighting over :8787 with other clusters on the machine.
+        dashboard_address=config.cluster.dashboard_address or ":0",
+        scheduler_kwargs={"dashboard": dashboard},
         silence_logs=logging.ERROR,
     )
     with cluster, Client(cluster) as client:
-        if config.cluster.dashboard_address:
+        if dashboard:
             log.info("Dask dashboard: %s", client.dashboard_link)
         yield client

@@ -115,3 +115,10 @@ def test_fingerprint_follows_stage_order():
     faster = Config()
     faster.faces.batch_size = 128
     assert fingerprint(base, "faces") == fingerprint(faster, "faces")
+
+
+def test_resolved_config_validates_again():
+    config = Config()
+    config.download.max_image_area = float("inf")
+    again = Config.model_validate(config.resolved())
+    assert again == config
