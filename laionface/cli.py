@@ -234,14 +234,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not args.verbose:
+        # Dask logs cluster chatter and every retried task's traceback; laionface reports
+        # failed shards itself, so only its own lines and others' errors are shown.
+        handler.addFilter(lambda r: r.name.startswith("laionface") or r.levelno >= logging.ERROR)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     logging.getLogger("laionface").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    # Dask logs every retried task's traceback; laionface reports failed shards itself.
-    logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

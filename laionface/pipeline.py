@@ -106,11 +106,5 @@ def run_pipeline(
             )
             run.save()
         # Every input row must have exactly one fate; a mismatch is an error naming the shards.
-        result = audit.write_audit(run_url)
-        log.info(
-            "audit: %d input rows, %d kept; funnel in %s",
-            result.input_rows,
-            result.kept,
-            run.path("audit"),
-        )
+        audit.write_audit(run_url)
     return run

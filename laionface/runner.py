@@ -121,7 +121,8 @@ def _run_shard(fn: Callable[..., dict], kwargs: dict, marker_url: str, fingerpri
     return stats
 
 
-def _read_markers(marker_dir: str) -> dict[str, dict]:
+def read_markers(marker_dir: str) -> dict[str, dict]:
+    """{shard: marker} of the completion markers in `marker_dir` (empty if none)."""
     fs, path = storage.fs_for(marker_dir)
     if not fs.exists(path):
         return {}
@@ -192,7 +193,7 @@ class StageContext:
         from distributed import as_completed
 
         marker_dir = self.path(step, "_done")
-        markers = _read_markers(marker_dir)
+        markers = read_markers(marker_dir)
         done: dict[str, dict] = {}
         todo: list[ShardTask] = []
         for task in tasks:
