@@ -197,10 +197,14 @@ class SelectSection(Section):
 
 
 class DedupSection(Section):
-    exact: bool = True
-    near: bool = True
+    exact: bool = True  # equal sha256 are duplicates
+    near: bool = True  # pHashes within max_distance are duplicates
     max_distance: Annotated[int, Field(ge=0, le=16)] = 4
+    # Evaluation sets / earlier datasets to stay disjoint from: folders of images, webdataset
+    # tars, parquet files of hashes (`phash` + `item`, see dedup.build_reference), manifests.
     reference: list[str] = Field(default_factory=list)
+    # Where the near-duplicate search runs: "memory" on the driver, "dask" across the workers,
+    # "auto" memory up to 100M distinct hashes. Both give the same decisions.
     backend: Literal["auto", "memory", "dask"] = "auto"
 
     @field_validator("reference", mode="before")
