@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--run-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--corpus-dir", default="", help="corpus folder (default: RUN_DIR/corpus)")
+    demo.add_argument(
+        "--corpus-dir",
+        default="",
+        help="corpus folder (default: demo-corpus beside the run folder)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="corpus seed (default: 0)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--scheduler", default="", help="address of an existing Dask scheduler")
