@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to export",
     )
     export.add_argument("out", help="output folder (any fsspec URL)")
+
+    reference = commands.add_parser(
+        "reference",
+        help="build a reference hash file (evaluation sets to keep out of the dataset)",
+        description="Hash every image in folders, webdataset tars or an earlier laionface "
+        "dataset into a parquet of pHashes; list it in [dedup] reference, and samples within "
+        "dedup.max_distance of any of them are dropped as eval_overlap.",
+        epilog="example:\n  laionface reference celeba/test lapa/test.tar --out refs/eval.parquet",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reference.add_argument("inputs", nargs="+", help="folders, tars, images or hash parquet files")
+    reference.add_argument("--out", required=True, help="output parquet (any fsspec URL)")
     return parser
 
 
@@ -193,6 +205,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from laionface.dedup import build_reference
+
+    rows = build_reference(args.inputs, args.out)
+    print(f"{args.out}: {rows} reference hashes")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from laionface.pipeline import run_pipeline
 
@@ -233,6 +253,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "publish": cmd_publish,
     "export": cmd_export,
+    "reference": cmd_reference,
 }
 
 

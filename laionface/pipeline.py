@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 
 from laionface import audit, storage
-from laionface.config import STAGE_ORDER, Config
+from laionface.config import STAGE_ORDER, Config, ConfigError
 from laionface.runner import RunFolder, StageContext, now_iso, open_client
 
 log = logging.getLogger("laionface")
@@ -36,8 +36,9 @@ def parse_stages(text: str | Iterable[str] | None) -> list[str]:
     names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
     unknown = [n for n in names if n not in STAGE_MODULES]
     if unknown:
-        raise ValueError(
-            f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_ORDER)}"
+        raise ConfigError(
+            f"--stages: unknown stage(s) {', '.join(unknown)}; the stages are "
+            f"{', '.join(STAGE_ORDER)}"
         )
     return [s for s in STAGE_ORDER if s in names]
 
