@@ -26,6 +26,8 @@ from laionface.corpus import DEMO_HOST, build_corpus
 from laionface.imageserver import ImageServer
 
 REPO = Path(__file__).resolve().parents[1]
+# The `dask` command of this environment (make test runs without activating the venv).
+DASK = str(Path(sys.executable).with_name("dask"))
 SHARDS = 6
 SETTINGS = [
     "metadata.rows_per_shard=20",
@@ -152,13 +154,13 @@ class DaskProcesses:
 
     def up(self, workers: list[list[str]]) -> None:
         self.start(
-            ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
             + ["--no-dashboard"]
         )
         for extra in workers:
             self.start(
                 [
-                    "dask",
+                    DASK,
                     "worker",
                     self.address,
                     "--nworkers",
@@ -329,7 +331,7 @@ def test_compose_file_runs_real_commands():
         else:
             assert command[:2] in (["dask", "scheduler"], ["dask", "worker"]), name
             # The same flags the tests above start real processes with.
-            help_text = subprocess.run(command[:2] + ["--help"], capture_output=True, text=True)
+            help_text = subprocess.run([DASK, command[1], "--help"], capture_output=True, text=True)
             for flag in (a for a in command[2:] if a.startswith("--")):
                 assert flag in help_text.stdout, f"{name}: {flag} is not a {command[1]} option"
     gpu = services["gpu-worker"]["command"]
