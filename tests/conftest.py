@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from tests.photos import SHARED
 
 # The real RetinaFace weights: CI points LAIONFACE_WEIGHTS_DIR at ../shared/models; a developer's
 # checkout beside shared/ gets the same without setting anything.

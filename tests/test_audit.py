@@ -27,17 +27,8 @@ from laionface.config import Config, fingerprint
 from laionface.imagedecode import decode_image
 from laionface.runner import RunFolder, StageContext
 from laionface.select import select_shard
+from tests.photos import PHOTOS
 
-PHOTOS = [
-    "astronaut.png",
-    "camera.png",
-    "fr_biden.jpg",
-    "fr_obama.jpg",
-    "fr_obama_partial_face.jpg",
-    "fr_obama_small.jpg",
-    "fr_two_people.jpg",
-    "grace_hopper.jpg",
-]
 HOSTILE_CAPTION = "<script>document.title='pwned'</script><b>bold?</b> & \"quotes\""
 HOSTILE_URL = "http://evil.example/x\"><script>document.title='pwned'</script>.jpg"
 # What happens to each row the metadata stage keeps, in order (cycled).

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import http.server
 import os
-import re
 import shutil
 import socket
 import threading
@@ -22,6 +21,7 @@ from laionface import retinaface
 from laionface.detector import FaceDetector, load_network, nms
 from laionface.imagedecode import decode_image
 from laionface.weights import CHECKPOINTS, WeightsError, load_state_dict, resolve_weights
+from tests.photos import readme_face_counts
 
 MOBILENET = CHECKPOINTS["mobilenet0.25"]
 
@@ -46,15 +46,6 @@ def weights_file() -> Path:
     if not REAL_WEIGHTS.is_file():
         pytest.fail(f"{REAL_WEIGHTS} missing: point LAIONFACE_WEIGHTS_DIR at shared/models")
     return REAL_WEIGHTS
-
-
-def readme_face_counts(faces_dir: Path) -> dict[str, int]:
-    counts = {}
-    for line in (faces_dir / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and (faces_dir / cells[0]).is_file():
-            counts[cells[0]] = int(re.match(r"\d+", cells[2]).group())
-    return counts
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,18 +13,10 @@ from PIL import Image
 from laionface import schemas, storage, tarindex
 from laionface.config import FacesSection
 from laionface.faces import detect_shard
+from tests.photos import readme_face_counts
 
-# Face counts at score > 0.5 from shared/faces/README.md.
-EXPECTED_FACES = {
-    "astronaut.png": 1,
-    "camera.png": 1,
-    "grace_hopper.jpg": 1,
-    "fr_obama.jpg": 1,
-    "fr_biden.jpg": 1,
-    "fr_two_people.jpg": 2,
-    "fr_obama_small.jpg": 1,
-    "fr_obama_partial_face.jpg": 1,
-}
+# Face counts at score > 0.5, from shared/faces/README.md.
+EXPECTED_FACES = readme_face_counts()
 
 
 @pytest.fixture(scope="module")

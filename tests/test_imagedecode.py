@@ -20,19 +20,10 @@ from laionface.imagedecode import (
     phash_to_hex,
     phash_to_int64,
 )
+from tests.photos import PHOTOS
 
 MAX_SIZE = 640
 MAX_PIXELS = 50_000_000
-PHOTOS = [
-    "astronaut.png",
-    "camera.png",
-    "fr_biden.jpg",
-    "fr_obama.jpg",
-    "fr_obama_partial_face.jpg",
-    "fr_obama_small.jpg",
-    "fr_two_people.jpg",
-    "grace_hopper.jpg",
-]
 
 
 def imagehash_value(data: bytes) -> int:
