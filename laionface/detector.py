@@ -82,7 +82,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise ValueError(f"device {device!r}: choose one of {DEVICES}")
     if device == "auto":
@@ -100,7 +100,7 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-def _resolve_engine(engine: str, device: torch.device) -> str:
+def resolve_engine(engine: str, device: torch.device) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
     if engine != "auto":
@@ -221,7 +221,10 @@ class OnnxEngine:
         self.mean = np.asarray(retinaface.BGR_MEAN, dtype=np.float32)
 
     def __call__(self, canvas: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = np.ascontiguousarray((canvas.astype(np.float32) - self.mean).transpose(0, 3, 1, 2))
+        # One pass from the uint8 NHWC canvas to the float NCHW input (not three copies).
+        n, height, width, _ = canvas.shape
+        x = np.empty((n, 3, height, width), dtype=np.float32)
+        np.subtract(canvas.transpose(0, 3, 1, 2), self.mean[:, None, None], out=x)
         boxes, scores, landmarks = self.session.run(None, {"input": x})
         return torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(landmarks)
 
@@ -268,7 +271,11 @@ class FaceDetector:
         threads: int | None = None,
         bucket: int = 128,
         weights_urls: Sequence[str] | None = None,
+        session_threads: int | None = None,
     ) -> None:
+        """`threads` sets torch's (process-wide) thread count; `session_threads` the ONNX Runtime
+        session's alone (default: `threads`, or torch's), for callers that run several
+        single-threaded sessions side by side."""
         if max_size < 32:
             raise ValueError(f"max_size must be at least 32, got {max_size}")
         if batch_size < 1:
@@ -278,8 +285,8 @@ class FaceDetector:
         if threads is not None:
             torch.set_num_threads(threads)
         self.network = network
-        self.device = _resolve_device(device)
-        self.engine_name = _resolve_engine(engine, self.device)
+        self.device = resolve_device(device)
+        self.engine_name = resolve_engine(engine, self.device)
         self.weights_path = weights_mod.resolve_weights(network, weights, urls=weights_urls)
         self.max_size = max_size
         self.batch_size = batch_size
@@ -290,7 +297,11 @@ class FaceDetector:
         threads = threads or torch.get_num_threads()
         try:
             self.engine = get_engine(
-                network, self.weights_path, self.device, self.engine_name, threads
+                network,
+                self.weights_path,
+                self.device,
+                self.engine_name,
+                session_threads or threads,
             )
         except Exception as exc:  # export or runtime trouble: "auto" may still run on torch
             if engine != "auto" or self.engine_name != "onnx":
