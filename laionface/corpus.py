@@ -371,7 +371,8 @@ def _photo_crop(rng: np.random.Generator, size: tuple[int, int], name: str) -> I
     area = rng.uniform(0.2, 0.75) * source.width * source.height
     crop_w, crop_h = math.sqrt(area * aspect), math.sqrt(area / aspect)
     shrink = min(1.0, source.width / crop_w, source.height / crop_h)
-    crop_w, crop_h = crop_w * shrink, crop_h * shrink
+    # min(): the product can land a rounding error above the source's side.
+    crop_w, crop_h = min(crop_w * shrink, source.width), min(crop_h * shrink, source.height)
     x0 = rng.uniform(0, source.width - crop_w)
     y0 = rng.uniform(0, source.height - crop_h)
     image = source.resize(size, Image.Resampling.BICUBIC, box=(x0, y0, x0 + crop_w, y0 + crop_h))
