@@ -284,6 +284,28 @@ class StageContext:
         return done
 
 
+# Imported once in a fork server that every LocalCluster worker forks from, as img2dataset's
+# own processes fork after one import: spawned workers each paid ~3 s of CPU importing
+# img2dataset and torch (benchmarks/bench_download.py).
+WORKER_PRELOAD = (
+    "distributed",
+    "numpy",
+    "pyarrow",
+    "img2dataset.downloader",
+    "laionface.download",
+    "laionface.faces",
+)
+
+
+def _preload_worker_imports() -> None:
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    # get_mp_context sets Dask's own preload list the first time; ours replaces it.
+    get_mp_context().set_forkserver_preload(list(WORKER_PRELOAD))
+
+
 @contextlib.contextmanager
 def open_client(
     config: Config, run_url: str, scheduler: str = "", workers: int | None = None
@@ -304,6 +326,8 @@ def open_client(
     # memory:// exists only inside this process, so its workers must be threads here.
     processes = not storage.is_process_local(run_url)
     dashboard = bool(config.cluster.dashboard_address)
+    if processes:
+        _preload_worker_imports()
     cluster = LocalCluster(
         n_workers=workers or config.cluster.workers,
         threads_per_worker=config.cluster.threads_per_worker,
