@@ -29,6 +29,7 @@ from laionface.config import FacesSection, fingerprint
 from laionface.detector import FaceDetector, resolve_device, resolve_engine
 from laionface.imagedecode import Decoded, decode_image
 from laionface.runner import ShardTask, StageContext
+from laionface.weights import resolve_weights
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 DECODE_THREADS = 2
@@ -188,6 +189,11 @@ def detect_shard(tar_url: str, raw_parquet_url: str, out_url: str, settings: dic
 
 def run(ctx: StageContext) -> None:
     section = ctx.config.faces
+    # Missing weights are one clear error from a worker that would run the tasks, not one per
+    # shard and retry (each with its download attempts).
+    ctx.run_once(
+        resolve_weights, section.network, section.weights, resources=section.task_resources()
+    )
     tasks = []
     for tar_url in storage.list_files(ctx.path("raw"), ".tar"):
         shard = tar_url.rsplit("/", 1)[1][: -len(".tar")]

@@ -174,6 +174,13 @@ class StageContext:
     def path(self, *parts: str) -> str:
         return self.run.path(*parts)
 
+    def run_once(self, fn: Callable[..., Any], *args: Any, resources: dict | None = None) -> Any:
+        """`fn(*args)` on one worker (one that offers `resources`), without retries: a pre-flight
+        check whose failure is one clear error rather than one per shard and retry."""
+        if resources:
+            _require_resources(self.client, resources, fn.__name__)
+        return self.client.submit(fn, *args, resources=resources, pure=False).result()
+
     def map_shards(
         self,
         step: str,
@@ -337,7 +344,8 @@ def open_client(
         # port stops it from fighting over :8787 with other clusters on the machine.
         dashboard_address=config.cluster.dashboard_address or ":0",
         scheduler_kwargs={"dashboard": dashboard},
-        silence_logs=logging.ERROR,
+        # Task errors reach the user through StageFailed, once, with the shard named.
+        silence_logs=logging.CRITICAL,
     )
     with cluster, Client(cluster) as client:
         if dashboard:
