@@ -390,7 +390,7 @@ def _read_shard_parquet(url: str, entry: dict | None, problems: _Problems) -> li
     if data is None:
         return None
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except Exception as exc:  # pyarrow raises several types for a broken file
         problems.add(f"not a readable parquet file ({exc})")
         return None
@@ -684,7 +684,7 @@ def _check_manifest(
     if data is None:
         return problems.lines(), []
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except Exception as exc:  # pyarrow raises several types for a broken file
         problems.add(f"not a readable parquet file ({exc})")
         return problems.lines(), []
