@@ -17,7 +17,7 @@ from laionface import storage
 from laionface.config import load_config
 from laionface.corpus import DEMO_HOST, build_corpus
 from laionface.imageserver import ImageServer
-from laionface.pipeline import resolve_run_url, run_pipeline
+from laionface.pipeline import run_pipeline
 from laionface.report import write_report
 
 log = logging.getLogger("laionface")
@@ -33,8 +33,6 @@ def run_demo(
     scheduler: str = "",
     workers: int | None = None,
     progress: bool = True,
-    pipeline: str | Path = DEMO_PIPELINE,
-    stages: str | None = None,
 ) -> str:
     """Run the demo; returns the run folder URL."""
     corpus_dir = corpus_dir or str(Path(run_dir).parent / "demo-corpus")
@@ -47,16 +45,15 @@ def run_demo(
             f'download.resolve={{"{DEMO_HOST}" = "{server.resolve_map[DEMO_HOST]}"}}',
             *overrides,
         ]
-        config = load_config(pipeline, settings)
+        config = load_config(DEMO_PIPELINE, settings)
         run = run_pipeline(
             config,
             run_dir=run_dir,
-            stages=stages,
             scheduler=scheduler,
             workers=workers,
             progress=progress,
         )
-    run_url = resolve_run_url(config, run.url)
+    run_url = run.url
     report = write_report(run_url)
     print(f"demo finished: run folder {run_url}")
     print(f"  dataset: {storage.join(run_url, 'dataset')}  (check it: laionface verify)")

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from laionface import audit, schemas, storage
 from laionface.config import Config, DedupSection, fingerprint
+from laionface.imagedecode import phash_to_hex
 from laionface.runner import ShardTask, StageContext, now_iso, software_versions
 from laionface.tarindex import HashingReader, HashingWriter, TarWriter, iter_members
 
@@ -174,7 +175,7 @@ def _shard_records(run_url: str, raw_shard: str, keys: list[str], min_score: flo
             "NSFW": raw_cols["NSFW"][i],
             "similarity": _number_or_none(raw_cols["similarity"][i]),
             "sha256": "",
-            "phash": None if face_row["phash"] is None else f"{face_row['phash']:016x}",
+            "phash": None if face_row["phash"] is None else phash_to_hex(face_row["phash"]),
             "n_faces": n_faces.get(key, 0),
             "faces": [f for f in face_row["faces"] or [] if f["score"] >= min_score],
             "raw_shard": raw_shard,
