@@ -280,6 +280,20 @@ def _check_shards(
     )
 
 
+def _unknown_keys(
+    figures: StageFigures,
+    keys: pa.ChunkedArray,
+    known: pa.ChunkedArray,
+    describe: Callable[[int, str], str],
+) -> None:
+    """A problem for the stage when `keys` holds keys the stage before did not pass on."""
+    unknown = pc.invert(pc.is_in(keys, value_set=known))
+    count = pc.sum(pc.cast(unknown, pa.int64())).as_py() or 0
+    if count:
+        examples = ", ".join(map(str, keys.filter(unknown).to_pylist()[:5]))
+        figures.problems.append(Problem(figures.stage, (), describe(count, examples)))
+
+
 def _add_shard_rows(
     figures: StageFigures,
     inputs: dict[str, int],
@@ -549,18 +563,15 @@ def _dedup(run_url: str, selected: pa.Table | None) -> tuple[StageFigures, pa.Ta
             + (f" ({missing[s]} without a decision)" if missing.get(s) else "")
         ),
     )
-    strangers = pc.invert(pc.is_in(decisions["key"], value_set=selected["key"]))
-    n_strangers = pc.sum(pc.cast(strangers, pa.int64())).as_py() or 0
-    if n_strangers:
-        examples = decisions["key"].filter(strangers).to_pylist()[:5]
-        figures.problems.append(
-            Problem(
-                "dedup",
-                (),
-                f"{n_strangers} decisions in dedup/decisions.parquet are for keys no select shard"
-                f" kept (e.g. {', '.join(map(str, examples))}): dedup ran on other select output",
-            )
-        )
+    _unknown_keys(
+        figures,
+        decisions["key"],
+        selected["key"],
+        lambda n, e: (
+            f"{n} decisions in dedup/decisions.parquet are for keys no select shard"
+            f" kept (e.g. {e}): dedup ran on other select output"
+        ),
+    )
     figures.input = sum(inputs.values())
     figures.kept = sum(kept.values())
     figures.dropped = _ordered(_sum_dropped(dropped), DEDUP_REASONS)
@@ -615,18 +626,15 @@ def _emit(run_url: str, final: pa.Table | None) -> tuple[StageFigures, pa.Table]
         inputs = dict(outcome)
     else:
         inputs = _value_counts(final["shard"])
-        strangers = pc.invert(pc.is_in(published["key"], value_set=final["key"]))
-        n_strangers = pc.sum(pc.cast(strangers, pa.int64())).as_py() or 0
-        if n_strangers:
-            examples = published["key"].filter(strangers).to_pylist()[:5]
-            figures.problems.append(
-                Problem(
-                    "emit",
-                    (),
-                    f"{n_strangers} published samples were not kept by the stages before (e.g."
-                    f" {', '.join(map(str, examples))}): the dataset is stale",
-                )
-            )
+        _unknown_keys(
+            figures,
+            published["key"],
+            final["key"],
+            lambda n, e: (
+                f"{n} published samples were not kept by the stages before (e.g."
+                f" {e}): the dataset is stale"
+            ),
+        )
     _check_shards(
         figures,
         inputs,
