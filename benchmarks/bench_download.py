@@ -29,9 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ from PIL import Image
 
 from laionface import download, storage
 from laionface.config import Config
-from laionface.imageserver import ImageServer
+from laionface.imageserver import ImageServer, fetch_rate
 from laionface.runner import RunFolder, StageContext, open_client
 from laionface.schemas import DOWNLOAD_SHARD
 
@@ -109,24 +107,6 @@ def server_process(corpus_dir: Path) -> Iterator[str]:
     finally:
         stop.set()
         process.join(10)
-
-
-def server_rate(base_url: str, names: list[str], threads: int) -> dict[str, float]:
-    """The server's own rate: every image fetched by `threads` urllib clients, one per request."""
-
-    def fetch(name: str) -> int:
-        with urllib.request.urlopen(f"{base_url}/img/{name}", timeout=30) as response:
-            return len(response.read())
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(fetch, names))
-    seconds = time.perf_counter() - started
-    return {
-        "seconds": seconds,
-        "images_per_s": len(names) / seconds,
-        "mb_per_s": total / seconds / 1e6,
-    }
 
 
 def run_img2dataset(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple[float, list]:
@@ -218,10 +198,10 @@ def main() -> None:
         f"{args.images} JPEGs, {total_mb:.1f} MB; {args.processes} processes x {args.threads} threads"
     )
     with server_process(work / "corpus") as base_url:
-        rate = server_rate(base_url, names, args.threads)
+        rate = fetch_rate([f"{base_url}/img/{name}" for name in names], args.threads)
         print(
             f"image server alone (its own process; {args.threads} urllib client threads): "
-            f"{rate['images_per_s']:,.0f} images/s, {rate['mb_per_s']:.0f} MB/s"
+            f"{rate['requests_per_s']:,.0f} images/s, {rate['mb_per_s']:.0f} MB/s"
         )
         table = rows_for(base_url, names)
         times: dict[str, list[float]] = {"img2dataset": [], "laionface": []}
@@ -252,7 +232,7 @@ def main() -> None:
     print(f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
     print(
         f"| {'image server alone':<32} | {rate['seconds']:>9.2f} | "
-        f"{rate['images_per_s']:>8.0f} | {'':>8} | {'':>8} |"
+        f"{rate['requests_per_s']:>8.0f} | {'':>8} | {'':>8} |"
     )
     for name, label in (
         ("img2dataset", "img2dataset (multiprocessing)"),

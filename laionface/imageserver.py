@@ -310,16 +310,19 @@ class ImageServer:
 
 
 def measure_rate(server: ImageServer, n: int = 2000, threads: int = 16) -> dict[str, float]:
-    """Fetch `n` images from `server` with `threads` urllib clients; requests/s and MB/s.
-
-    The clients open one connection per request, like img2dataset's urllib downloads.
-    """
+    """Fetch `n` images from `server` with `threads` urllib clients (see `fetch_rate`)."""
     names = sorted(
         name for name in server._running().files if Path(name).suffix.lower() in CONTENT_TYPES
     )
     if not names:
         raise ValueError(f"{server.images_dir} holds no images to fetch")
     urls = [f"{server.base_url}/img/{names[i % len(names)]}" for i in range(n)]
+    return fetch_rate(urls, threads)
+
+
+def fetch_rate(urls: list[str], threads: int = 16) -> dict[str, float]:
+    """Fetch every URL with `threads` urllib clients, one connection per request (like
+    img2dataset's urllib downloads); requests/s and MB/s."""
 
     def fetch(url: str) -> int:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -330,9 +333,9 @@ def measure_rate(server: ImageServer, n: int = 2000, threads: int = 16) -> dict[
         total_bytes = sum(pool.map(fetch, urls))
     seconds = time.perf_counter() - start
     return {
-        "requests": float(n),
+        "requests": float(len(urls)),
         "seconds": seconds,
-        "requests_per_s": n / seconds,
+        "requests_per_s": len(urls) / seconds,
         "mb_per_s": total_bytes / seconds / 1e6,
     }
 
