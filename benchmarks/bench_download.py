@@ -170,7 +170,7 @@ def run_laionface(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple
     # What `laionface run --stages download` does, minus the audit of the other stages' outputs.
     run = RunFolder(str(out))
     run.start(config)
-    with open_client(config, run.url) as client:
+    with open_client(config, run.url, preload=["laionface.download"]) as client:
         download.run(StageContext(config, run, client, progress=False))
     seconds = time.perf_counter() - started
     outcomes = run.state["stages"]["download"]["outcomes"]

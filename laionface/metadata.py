@@ -28,10 +28,12 @@ column a filter reads fails that filter):
 Steps, each a `ctx.map_shards` step (resumable shard by shard), then a few driver-side files:
 
 1. `metadata/parts`: one task per input file slice of whole row groups (about TASK_ROWS rows;
-   a row group is never split). It streams its row groups in batches of READ_BATCH_ROWS, so its
-   memory is bounded by a batch and the rows it keeps, never by the file. Part id `FFFFF-GGGGG`
-   (input file index, first row group). Writes
-       metadata/parts/ID.parquet     the kept rows (DOWNLOAD_SHARD), in input order
+   a row group is never split). One DuckDB query (`reason_codes`) reads the columns the filters
+   need and gives every row the code of the first filter that drops it; the ID and URL lists
+   are looked up in numpy between the two halves of the order above (`idlists.IdList`). DuckDB
+   streams the file by row group, so a task's memory is a few bytes per row of its slice, never
+   the file. Part id `FFFFF-GGGGG` (input file index, first row group). Writes
+       metadata/kept/ID.parquet      `row`: the row numbers kept (before duplicate_url)
        metadata/drops/ID.parquet     DROP_COUNTS rows (stage "metadata", source = the input file,
                                      reason, count), one per reason with a count > 0
        metadata/urlhash/ID.parquet   (dedup_urls) blake2b-128 of each kept URL (h1, h2, row),
@@ -45,8 +47,10 @@ Steps, each a `ctx.map_shards` step (resumable shard by shard), then a few drive
    dropped. Stats: items (rows in the bucket), duplicates, per_part {part id: count}.
 3. `metadata/shards`: deduplicated kept rows, in (input file, row) order, cut into shards of
    exactly rows_per_shard rows (the last one shorter): metadata/shards/NNNNN.parquet
-   (DOWNLOAD_SHARD). A task writes about SHARD_TASK_ROWS rows worth of consecutive shards.
-   Stats: items (rows written), shards.
+   (DOWNLOAD_SHARD). A task writes consecutive shards (SHARD_TASK_ROWS rows at most, and at
+   least MIN_SHARD_TASKS tasks): it reads just those rows back from the input files (a DuckDB
+   semi-join on the row numbers, which decodes captions and URLs only near them), so the kept
+   rows are written once. Stats: items (rows written), shards.
 4. The driver writes metadata/drops/duplicate_url.parquet (DROP_COUNTS per input file),
    metadata/inputs.parquet (METADATA_INPUTS: per input file, input_rows = kept_rows +
    dropped_rows, checked before it is written) and metadata/summary.json (input_files,
@@ -60,15 +64,19 @@ metadata/lists/, which the workers load once per process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import posixpath
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -101,17 +109,21 @@ REASONS = (
 STAGE = "metadata"
 # Rows a parts task reads (whole row groups: one larger row group is one task on its own).
 TASK_ROWS = 1_000_000
-# Rows decoded at a time; the peak memory of a task is a few of these batches.
-READ_BATCH_ROWS = 131_072
-# Kept rows gathered before they are written as one row group of a part.
-WRITE_BATCH_ROWS = 131_072
 # Input rows per dedup bucket at most (kept rows are fewer): ~40 bytes each in a dedup task.
 DEDUP_BUCKET_ROWS = 8_000_000
-# Rows of consecutive shards written by one shards task.
+# Rows of consecutive shards written by one shards task at most, and the fewest such tasks.
 SHARD_TASK_ROWS = 200_000
+MIN_SHARD_TASKS = 8
+# Rows a parts task holds at a time (a DuckDB record batch): its memory is this, plus 9 bytes
+# per row kept, whatever the size of the file's row groups.
+READ_BATCH_ROWS = 131_072
 # Dictionary encoding only for the columns with few distinct values: trying it on URLs and
-# captions costs time for nothing. Parts, read once by the shards step, are lz4; shards zstd.
-PART_DICTIONARY = ["LICENSE", "NSFW", "source_file"]
+# captions costs time for nothing. Shards are snappy, as DuckDB and img2dataset write parquet:
+# zstd made them 30% smaller for 50% more CPU in the shards step.
+SHARD_DICTIONARY = ["LICENSE", "NSFW", "source_file"]
+# Part of every parts fingerprint: a run folder written by an older layout of metadata/ redoes
+# its parts instead of reading them.
+OUTPUT_VERSION = 2
 SHARD_DIGITS = 5  # img2dataset's shard numbering, which the download stage keeps
 
 # metadata.columns field -> LAION name, in DOWNLOAD_SHARD order.
@@ -262,193 +274,249 @@ def inspect_inputs(urls: list[str], columns: MetadataColumns) -> list[InputFile]
 
 
 # ---------------------------------------------------------------------------------------------
-# Column coercion and the filters
+# The filters, as one DuckDB query per task
 
 
-def _coerce(array: pa.Array, target: pa.DataType, source: str, name: str) -> pa.Array:
-    if pa.types.is_dictionary(array.type):
-        array = array.dictionary_decode()
-    if array.type == target:
-        return array
-    try:
-        if pa.types.is_integer(target) and pa.types.is_floating(array.type):
-            finite = pc.is_finite(array)
-            array = pc.floor(pc.if_else(finite, array, pa.scalar(None, array.type)))
-        return pc.cast(array, target)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise MetadataError(
-            f"{source}: column {name!r} does not convert to {target}: {exc}"
-        ) from None
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
-def to_laion(batch: pa.RecordBatch, mapping: dict[str, str], source: str) -> pa.RecordBatch:
-    """The batch under LAION's names and types; columns the input lacks are null."""
-    arrays = []
+def _text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _number(value: float) -> str:
+    return f"{_text(repr(float(value)))}::DOUBLE"
+
+
+def _laion_columns(mapping: dict[str, str]) -> str:
+    """SELECT list putting the input's columns under LAION's names and types (null if absent)."""
+    exprs = []
     for field in schemas.LAION_METADATA:
         name = mapping[field.name]
-        if name:
-            arrays.append(_coerce(batch.column(name), field.type, source, name))
+        column = _ident(name) if name else None
+        if column is None:
+            expr = f"NULL::{_SQL_TYPES[field.name]}"
+        elif field.name in ("HEIGHT", "WIDTH"):
+            # Float sides (DataComp) floor to integers; NaN and infinities are unknown (null).
+            as_double = f"{column}::DOUBLE"
+            expr = f"CASE WHEN isfinite({as_double}) THEN floor({as_double})::INTEGER END"
         else:
-            arrays.append(pa.nulls(batch.num_rows, field.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schemas.LAION_METADATA)
+            expr = f"{column}::{_SQL_TYPES[field.name]}"
+        exprs.append(f"{expr} AS {field.name}")
+    return ", ".join(exprs + ["file_row_number AS source_row"])
 
 
-def _as_bool(mask: pa.Array) -> np.ndarray:
-    """A boolean numpy array; null (an unknown value) counts as failing the filter."""
-    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
-
-
-class _Rows:
-    """The rows of a batch still in, with their columns taken lazily and URL hashes memoized."""
-
-    def __init__(self, batch: pa.RecordBatch):
-        self.batch = batch
-        self.index: np.ndarray | None = None  # None: all rows
-        self._columns: dict[str, pa.Array] = {}
-        self._hashes = np.zeros((batch.num_rows, 2), dtype=np.uint64)
-        self._hashed = np.zeros(batch.num_rows, dtype=bool)
-
-    def __len__(self) -> int:
-        return self.batch.num_rows if self.index is None else len(self.index)
-
-    def positions(self) -> np.ndarray:
-        return np.arange(self.batch.num_rows) if self.index is None else self.index
-
-    def column(self, name: str) -> pa.Array:
-        if name not in self._columns:
-            column = self.batch.column(name)
-            self._columns[name] = column if self.index is None else column.take(self.index)
-        return self._columns[name]
-
-    def url_hashes(self) -> np.ndarray:
-        positions = self.positions()
-        todo = positions[~self._hashed[positions]]
-        if len(todo):
-            urls = self.batch.column("URL").take(todo)
-            self._hashes[todo] = idlists.url_hashes(urls)
-            self._hashed[todo] = True
-        return self._hashes[positions]
-
-    def keep(self, ok: np.ndarray) -> np.ndarray:
-        """Keep the rows where `ok`; returns the batch positions of the rows dropped."""
-        positions = self.positions()
-        dropped = positions[~ok]
-        self.index = positions[ok]
-        # Taken again on demand: after a selective filter that copies far fewer bytes than
-        # filtering every column taken so far.
-        self._columns = {}
-        return dropped
-
-
-def _in_list(rows: _Rows, id_list: IdList) -> np.ndarray:
-    match = np.zeros(len(rows), dtype=bool)
-    if len(id_list.ids):
-        ids = rows.column("SAMPLE_ID")
-        values = pc.fill_null(ids, 0).to_numpy(zero_copy_only=False)
-        match |= id_list.contains_ids(values) & _as_bool(pc.is_valid(ids))
-    if len(id_list.url_hashes):
-        match |= idlists.contains_hashes(id_list.url_hashes, rows.url_hashes())
-    return match
-
-
-def _blocked(urls: pa.Array, domains: pa.Array) -> np.ndarray:
-    host = pc.struct_field(pc.extract_regex(urls, _HOST), "host")
-    host = pc.utf8_rtrim(pc.utf8_lower(host), ".")
-    blocked = _as_bool(pc.is_in(host, value_set=domains))
-    # Walk up the labels: a.b.example.com -> b.example.com -> example.com -> com.
-    while True:
-        host = pc.replace_substring_regex(host, r"^[^.]*(\.|$)", "", max_replacements=1)
-        if not pc.any(pc.not_equal(host, "")).as_py():
-            return blocked
-        blocked |= _as_bool(pc.is_in(host, value_set=domains))
-
-
-def _short_side(rows: _Rows) -> pa.Array:
-    return pc.min_element_wise(rows.column("WIDTH"), rows.column("HEIGHT"), skip_nulls=False)
-
-
-def _long_side(rows: _Rows) -> pa.Array:
-    return pc.max_element_wise(rows.column("WIDTH"), rows.column("HEIGHT"), skip_nulls=False)
-
-
-def _any_prefix(urls: pa.Array, prefixes: list[str]) -> np.ndarray:
-    ok = np.zeros(len(urls), dtype=bool)
-    for prefix in prefixes:
-        ok |= _as_bool(pc.starts_with(urls, prefix, ignore_case=True))
-    return ok
-
-
-def _aspect_ok(rows: _Rows, ratio: float) -> np.ndarray:
-    short = pc.cast(_short_side(rows), pa.float64())
-    long = pc.cast(_long_side(rows), pa.float64())
-    return _as_bool(pc.and_(pc.greater(short, 0), pc.less_equal(long, pc.multiply(short, ratio))))
-
-
-def _caption_chars(rows: _Rows) -> pa.Array:
-    return pc.utf8_length(rows.column("TEXT"))
-
-
-# reason -> check(rows, setting): a numpy bool per row still in, True where the row passes.
-_CHECKS = {
-    "null_url": lambda r, _: _as_bool(pc.greater(pc.binary_length(r.column("URL")), 0)),
-    "null_caption": lambda r, _: _as_bool(pc.is_valid(r.column("TEXT"))),
-    "id_list": lambda r, id_list: _in_list(r, id_list),
-    "exclude_list": lambda r, exclude: ~_in_list(r, exclude),
-    "url_scheme": lambda r, prefixes: _any_prefix(r.column("URL"), prefixes),
-    "blocked_domain": lambda r, domains: ~_blocked(r.column("URL"), domains),
-    "nsfw": lambda r, allowed: _as_bool(pc.is_in(pc.utf8_upper(r.column("NSFW")), allowed)),
-    "min_similarity": lambda r, low: _as_bool(pc.greater_equal(r.column("similarity"), low)),
-    "min_side": lambda r, low: _as_bool(pc.greater_equal(_short_side(r), low)),
-    "max_side": lambda r, high: _as_bool(pc.less_equal(_long_side(r), high)),
-    "max_aspect_ratio": _aspect_ok,
-    "min_caption_chars": lambda r, low: _as_bool(pc.greater_equal(_caption_chars(r), low)),
-    "max_caption_chars": lambda r, high: _as_bool(pc.less_equal(_caption_chars(r), high)),
+_SQL_TYPES = {
+    "SAMPLE_ID": "BIGINT",
+    "URL": "VARCHAR",
+    "TEXT": "VARCHAR",
+    "HEIGHT": "INTEGER",
+    "WIDTH": "INTEGER",
+    "LICENSE": "VARCHAR",
+    "NSFW": "VARCHAR",
+    "similarity": "DOUBLE",
 }
 
 
-class RowFilter:
-    """The filters of a [metadata] section, in REASONS order, applied to LAION-named batches."""
+def _blocked_host(domains: list[str]) -> str:
+    """True when URL's host is one of `domains` or a subdomain of one (host and its suffixes)."""
+    host = f"rtrim(lower(regexp_extract(URL, {_text(_HOST)}, 1)), '.')"
+    labels = f"string_split({host}, '.')"
+    suffixes = (
+        f"list_transform(range(1, len({labels}) + 1), lambda i: array_to_string({labels}[i:], '.'))"
+    )
+    return f"list_has_any({suffixes}, [{', '.join(_text(d) for d in domains)}])"
 
-    def __init__(self, section: MetadataSection, id_list: IdList | None, exclude: IdList | None):
-        s = section
-        settings: dict[str, Any] = {
-            "null_url": True,
-            "null_caption": True,
-            "id_list": id_list,
-            "exclude_list": exclude,
-            "url_scheme": [f"{scheme}://" for scheme in s.url_schemes] or None,
-            "blocked_domain": pa.array(s.blocked_domains, pa.string())
-            if s.blocked_domains
-            else None,
-            "nsfw": pa.array([v.upper() for v in s.nsfw], pa.string()) if s.nsfw else None,
-            "min_similarity": s.min_similarity,
-            "min_side": s.min_side,
-            "max_side": s.max_side,
-            "max_aspect_ratio": s.max_aspect_ratio,
-            "min_caption_chars": s.min_caption_chars,
-            "max_caption_chars": s.max_caption_chars,
-        }
-        self.checks = [
-            (REASONS.index(reason) + 1, _CHECKS[reason], setting)
-            for reason, setting in settings.items()
-            if setting is not None
-        ]
 
-    def apply(self, batch: pa.RecordBatch) -> tuple[np.ndarray, _Rows]:
-        """Per row the index+1 in REASONS of the filter that drops it (0 = kept), and the kept rows."""
-        codes = np.zeros(batch.num_rows, dtype=np.int8)
-        rows = _Rows(batch)
-        for code, check, setting in self.checks:
-            if len(rows) == 0:
-                break
-            ok = check(rows, setting)
-            if not ok.all():
-                codes[rows.keep(ok)] = code
-        return codes, rows
+def _pass_conditions(section: MetadataSection) -> dict[str, str]:
+    """reason -> SQL that is true for a row that passes that filter, for the filters that are set.
+
+    Written to give exactly what a row-by-row reading of the table in the module docstring
+    gives: a null fails (the caller wraps each in coalesce(..., false)); NaN similarity fails
+    (DuckDB orders NaN above every number); `length` counts code points; min(W, H) >= x is
+    spelled W >= x AND H >= x because DuckDB's least() skips nulls.
+    """
+    s = section
+    sides_known = "WIDTH IS NOT NULL AND HEIGHT IS NOT NULL"
+    conditions = {
+        "null_url": "URL IS NOT NULL AND URL <> ''",
+        "null_caption": "TEXT IS NOT NULL",
+    }
+    if s.url_schemes:
+        prefixes = [f"{scheme}://" for scheme in s.url_schemes]
+        # The case-sensitive test first, as a CASE (DuckDB evaluates every operand of an OR):
+        # most URLs pass it, and lower() costs twice as much as reading the URLs.
+        exact = " OR ".join(f"starts_with(URL, {_text(p)})" for p in prefixes)
+        folded = " OR ".join(f"lower(URL[1:{len(p)}]) = {_text(p)}" for p in prefixes)
+        conditions["url_scheme"] = f"CASE WHEN {exact} THEN true ELSE {folded} END"
+    if s.blocked_domains:
+        conditions["blocked_domain"] = f"NOT {_blocked_host(s.blocked_domains)}"
+    if s.nsfw:
+        conditions["nsfw"] = f"upper(NSFW) IN ({', '.join(_text(v.upper()) for v in s.nsfw)})"
+    if s.min_similarity is not None:
+        low = _number(s.min_similarity)
+        conditions["min_similarity"] = f"similarity >= {low} AND NOT isnan(similarity)"
+    if s.min_side is not None:
+        conditions["min_side"] = f"WIDTH >= {s.min_side} AND HEIGHT >= {s.min_side}"
+    if s.max_side is not None:
+        conditions["max_side"] = f"WIDTH <= {s.max_side} AND HEIGHT <= {s.max_side}"
+    if s.max_aspect_ratio is not None:
+        ratio = _number(s.max_aspect_ratio)
+        conditions["max_aspect_ratio"] = (
+            f"{sides_known} AND least(WIDTH, HEIGHT) > 0 AND "
+            f"greatest(WIDTH, HEIGHT)::DOUBLE <= least(WIDTH, HEIGHT)::DOUBLE * {ratio}"
+        )
+    if s.min_caption_chars is not None:
+        conditions["min_caption_chars"] = f"length(TEXT) >= {s.min_caption_chars}"
+    if s.max_caption_chars is not None:
+        conditions["max_caption_chars"] = f"length(TEXT) <= {s.max_caption_chars}"
+    return conditions
+
+
+def _first_failing(conditions: dict[str, str], reasons: tuple[str, ...]) -> str:
+    """SQL for the code (index + 1 in REASONS) of the first of `reasons` a row fails; 0: none."""
+    branches = [
+        f"WHEN NOT coalesce({conditions[r]}, false) THEN {REASONS.index(r) + 1}"
+        for r in reasons
+        if r in conditions
+    ]
+    return f"(CASE {' '.join(branches)} ELSE 0 END)::TINYINT" if branches else "0::TINYINT"
+
+
+# The list filters sit between these two groups in REASONS; they run in numpy on the worker
+# (IdList: a bitmap and a binary search over up to 50M sorted IDs, shared by the worker
+# processes), so the query reports the first failing filter on each side of them.
+_BEFORE_LISTS = ("null_url", "null_caption")
+_AFTER_LISTS = REASONS[REASONS.index("exclude_list") + 1 : REASONS.index("duplicate_url")]
+
+
+_THREAD = threading.local()
+
+
+def _connection(source: str) -> duckdb.DuckDBPyConnection:
+    """This thread's DuckDB connection (opening one costs ~15 ms a task), able to read `source`."""
+    con = getattr(_THREAD, "connection", None)
+    if con is None:
+        # One thread: Dask already runs one task per worker thread, side by side.
+        con = _THREAD.connection = duckdb.connect(config={"threads": 1})
+        _THREAD.filesystems = {}
+    fs, _ = storage.fs_for(source)
+    if not isinstance(fs, LocalFileSystem):
+        # Object stores and any other fsspec URL: DuckDB reads through fsspec, with the
+        # filesystem fsspec gives now (its settings may have changed since the last task).
+        name = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if _THREAD.filesystems.get(name) is not fs:
+            if name in con.list_filesystems():
+                con.unregister_filesystem(name)
+            con.register_filesystem(fs)
+            _THREAD.filesystems[name] = fs
+    return con
+
+
+def _scan(source: str, start: int, stop: int, mapping: dict[str, str]) -> str:
+    """The task's rows [start, stop) of `source` under LAION's names, as a subquery."""
+    return (
+        f"(SELECT {_laion_columns(mapping)} "
+        f"FROM read_parquet({_text(source)}, file_row_number = true) "
+        f"WHERE file_row_number >= {start} AND file_row_number < {stop})"
+    )
+
+
+@contextlib.contextmanager
+def _reading(source: str, start: int, stop: int) -> Iterator[None]:
+    """DuckDB's errors while reading rows [start, stop) of `source`, as MetadataErrors."""
+    try:
+        yield
+    except duckdb.ConversionException as exc:
+        raise MetadataError(
+            f"{source}: rows {start}..{stop - 1}: a column does not convert to LAION's type "
+            f"({exc}); check metadata.columns"
+        ) from None
+    except (duckdb.Error, pa.ArrowException) as exc:
+        raise MetadataError(
+            f"{source}: rows {start}..{stop - 1} can't be read ({exc}); the file is damaged "
+            "or truncated"
+        ) from None
+
+
+def _query(con: duckdb.DuckDBPyConnection, sql: str, source: str, start: int, stop: int):
+    with _reading(source, start, stop):
+        return con.sql(sql).to_arrow_table()
+
+
+def _batches(
+    con: duckdb.DuckDBPyConnection, sql: str, source: str, start: int, stop: int
+) -> Iterator[pa.RecordBatch]:
+    """The result of `sql` on rows [start, stop) of `source`, READ_BATCH_ROWS rows at a time."""
+    with _reading(source, start, stop):
+        yield from con.sql(sql).fetch_record_batch(READ_BATCH_ROWS)
+
+
+def reason_codes(
+    con: duckdb.DuckDBPyConnection,
+    section: MetadataSection,
+    lists: tuple[IdList | None, IdList | None],
+    source: str,
+    start: int,
+    stop: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows [start, stop) of `source`, a batch at a time: their row numbers and, per row, the
+    index + 1 in REASONS of the first filter that drops it (0 = kept; duplicate_url is decided
+    later)."""
+    conditions = _pass_conditions(section)
+    wants_ids = any(x is not None and len(x.ids) for x in lists)
+    wants_urls = any(x is not None and len(x.url_hashes) for x in lists)
+    columns = [
+        "source_row",
+        f"{_first_failing(conditions, _BEFORE_LISTS)} AS early",
+        f"{_first_failing(conditions, _AFTER_LISTS)} AS late",
+    ]
+    if wants_ids:
+        columns.append("SAMPLE_ID")
+    if wants_urls:
+        # Hashed in Python (idlists.url_hashes) only where a list filter still looks at the row.
+        columns.append("CASE WHEN early = 0 THEN URL END AS URL")
+    mapping = column_map(section.columns)
+    sql = f"SELECT {', '.join(columns)} FROM {_scan(source, start, stop, mapping)}"
+    for batch in _batches(con, sql, source, start, stop):
+        codes = batch.column("early").to_numpy().copy()
+        undecided = codes == 0
+        for name, listed, keep_listed in (
+            ("id_list", lists[0], True),
+            ("exclude_list", lists[1], False),
+        ):
+            if listed is None:
+                continue
+            ids = batch.column("SAMPLE_ID") if wants_ids else None
+            urls = batch.column("URL") if wants_urls else None
+            drop = undecided & (_in_list(listed, ids, urls, undecided) != keep_listed)
+            codes[drop] = REASONS.index(name) + 1
+            undecided &= ~drop
+        late = batch.column("late").to_numpy()
+        codes[undecided] = late[undecided]
+        yield batch.column("source_row").to_numpy(), codes
+
+
+def _in_list(
+    listed: IdList, ids: pa.Array | None, urls: pa.Array | None, where: np.ndarray
+) -> np.ndarray:
+    """Whether each row (looked up only `where` true) has its SAMPLE_ID or its URL in `listed`."""
+    found = np.zeros(len(where), dtype=bool)
+    positions = np.flatnonzero(where)
+    if len(listed.ids) and ids is not None:
+        values = ids.take(pa.array(positions))
+        known = pc.is_valid(values).to_numpy(zero_copy_only=False)
+        match = listed.contains_ids(pc.fill_null(values, 0).to_numpy(zero_copy_only=False))
+        found[positions] |= match & known
+    if len(listed.url_hashes) and urls is not None:
+        hashes = idlists.url_hashes(urls.take(pa.array(positions)))
+        found[positions] |= idlists.contains_hashes(listed.url_hashes, hashes)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 1: filter a slice of an input file into a part
+# Step 1: the fate of every row of a slice of an input file
 
 
 def _load_lists(lists: dict[str, dict | None]) -> tuple[IdList | None, IdList | None]:
@@ -485,82 +553,81 @@ def _write_url_hashes(hashes: np.ndarray, bits: int, url: str) -> None:
             )
 
 
+def _kept_url_hashes(
+    con: duckdb.DuckDBPyConnection, source: str, kept: np.ndarray, mapping: dict[str, str]
+) -> np.ndarray:
+    """idlists.url_hashes of the URLs of rows `kept` (sorted row numbers) of `source`."""
+    if len(kept) == 0:
+        return idlists.EMPTY_HASHES.copy()
+    start, stop = int(kept[0]), int(kept[-1]) + 1
+    con.register("kept_rows", pa.table({"row": kept}))
+    try:
+        sql = (
+            f"SELECT source_row, URL FROM {_scan(source, start, stop, mapping)} "
+            "WHERE source_row IN (SELECT row FROM kept_rows)"
+        )
+        table = _query(con, sql, source, start, stop)
+    finally:
+        con.unregister("kept_rows")
+    return idlists.url_hashes(_in_row_order(table, kept, source).column("URL"))
+
+
+def _in_row_order(table: pa.Table, rows: np.ndarray, source: str) -> pa.Table:
+    """`table` (with source_row) sorted by row, checked to hold exactly `rows`."""
+    got = table.column("source_row").to_numpy()
+    if len(got) > 1 and not np.all(got[1:] > got[:-1]):
+        table = table.take(pc.sort_indices(table.column("source_row")))
+        got = table.column("source_row").to_numpy()
+    if len(got) != len(rows) or not np.array_equal(got, rows):
+        raise MetadataError(
+            f"{source}: the rows read differ from the rows the metadata stage planned "
+            "(the file changed during the run?); re-run the metadata stage"
+        )
+    return table
+
+
 def filter_part(
     *,
     source: str,
     file_index: int,
     row_groups: list[int],
-    first_row: int,
+    rows: list[int],
     section: MetadataSection,
     lists: dict[str, dict | None],
-    part_url: str,
+    kept_url: str,
     drops_url: str,
     hash_url: str,
     hash_bits: int,
 ) -> dict:
-    """Filter row groups [first, stop) of `source` (whose first row is `first_row`) into a part."""
-    id_list, exclude = _load_lists(lists)
-    row_filter = RowFilter(section, id_list, exclude)
-    mapping = column_map(section.columns)
-    read_columns = list(dict.fromkeys(name for name in mapping.values() if name))
+    """Decide the fate of rows [start, stop) (row groups [first, stop)) of `source`."""
+    start, stop = rows
+    con = _connection(source)
     counts = np.zeros(len(REASONS) + 1, dtype=np.int64)
-    kept_hashes: list[np.ndarray] = []
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    row = first_row
-    fs, path = storage.fs_for(source)
-    with (
-        fs.open(path, "rb") as handle,
-        storage.atomic_open(part_url) as out,
-        pq.ParquetWriter(
-            out, schemas.DOWNLOAD_SHARD, compression="lz4", use_dictionary=PART_DICTIONARY
-        ) as writer,
-    ):
-        try:
-            parquet = pq.ParquetFile(handle, buffer_size=1 << 20)
-            batches = parquet.iter_batches(
-                batch_size=READ_BATCH_ROWS,
-                row_groups=list(range(*row_groups)),
-                columns=read_columns,
-                use_threads=False,
-            )
-            for raw in batches:
-                batch = to_laion(raw, mapping, source)
-                codes, kept = row_filter.apply(batch)
-                counts += np.bincount(codes, minlength=len(counts))
-                positions = kept.positions()
-                if len(positions):
-                    table = pa.Table.from_batches([batch]).take(positions)
-                    table = table.append_column(
-                        "source_file", pa.repeat(pa.scalar(source), len(positions))
-                    ).append_column("source_row", pa.array(positions + row, pa.int64()))
-                    pending.append(table)
-                    pending_rows += len(positions)
-                    if section.dedup_urls:
-                        kept_hashes.append(kept.url_hashes())
-                if pending_rows >= WRITE_BATCH_ROWS:
-                    writer.write_table(pa.concat_tables(pending).cast(schemas.DOWNLOAD_SHARD))
-                    pending, pending_rows = [], 0
-                row += batch.num_rows
-        except (pa.ArrowException, OSError) as exc:
-            raise MetadataError(
-                f"{source}: row groups {row_groups[0]}..{row_groups[1] - 1} can't be read "
-                f"({exc}); the file is damaged or truncated"
-            ) from None
-        if pending:
-            writer.write_table(pa.concat_tables(pending).cast(schemas.DOWNLOAD_SHARD))
+    kept_parts = []
+    read = 0
+    for row_numbers, codes in reason_codes(con, section, _load_lists(lists), source, start, stop):
+        counts += np.bincount(codes, minlength=len(counts))
+        kept_parts.append(row_numbers[codes == 0])
+        read += len(codes)
+    if read != stop - start:
+        raise MetadataError(
+            f"{source}: {read} rows read from row groups "
+            f"{row_groups[0]}..{row_groups[1] - 1}, the footer says {stop - start}; "
+            "the file is damaged or truncated"
+        )
+    kept = np.concatenate(kept_parts) if kept_parts else np.empty(0, np.int64)
+    storage.write_parquet(pa.table({"row": pa.array(kept, pa.int64())}), kept_url)
     if section.dedup_urls:
-        hashes = np.concatenate(kept_hashes) if kept_hashes else idlists.EMPTY_HASHES
-        _write_url_hashes(hashes, hash_bits, hash_url)
+        mapping = column_map(section.columns)
+        _write_url_hashes(_kept_url_hashes(con, source, kept, mapping), hash_bits, hash_url)
     dropped = {reason: int(counts[i + 1]) for i, reason in enumerate(REASONS) if counts[i + 1]}
     storage.write_parquet(_drop_table(source, dropped), drops_url)
-    input_rows = row - first_row
     return {
-        "items": input_rows,
+        "items": stop - start,
         "source": source,
         "file_index": file_index,
         "row_groups": list(row_groups),
-        "input_rows": input_rows,
+        "input_rows": stop - start,
         "kept_rows": int(counts[0]),
         "dropped": dropped,
     }
@@ -621,7 +688,7 @@ def dedup_bucket(
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 3: cut the kept rows into download shards
+# Step 3: read the kept rows and write them as download shards
 
 
 def _duplicate_rows(dupes_urls: list[str], parts: set[int]) -> dict[int, np.ndarray]:
@@ -637,51 +704,64 @@ def _duplicate_rows(dupes_urls: list[str], parts: set[int]) -> dict[int, np.ndar
     return {p: np.sort(np.concatenate(v)) if v else np.empty(0, np.int64) for p, v in found.items()}
 
 
+def _read_rows(source: str, rows: np.ndarray, mapping: dict[str, str]) -> pa.Table:
+    """Rows `rows` (sorted row numbers) of `source`, as DOWNLOAD_SHARD."""
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    con = _connection(source)
+    con.register("wanted_rows", pa.table({"row": rows}))
+    try:
+        # A semi-join on row numbers: only the pages around the rows asked for are decoded.
+        sql = (
+            f"SELECT * FROM {_scan(source, start, stop, mapping)} "
+            "WHERE source_row IN (SELECT row FROM wanted_rows)"
+        )
+        table = _in_row_order(_query(con, sql, source, start, stop), rows, source)
+    finally:
+        con.unregister("wanted_rows")
+    columns = [table.column(f.name).cast(f.type) for f in schemas.LAION_METADATA]
+    columns += [pa.repeat(pa.scalar(source), table.num_rows), table.column("source_row")]
+    return pa.Table.from_arrays(columns, schema=schemas.DOWNLOAD_SHARD)
+
+
 def write_shards(
     *,
     segments: list[dict],
     dupes_urls: list[str],
+    columns: dict[str, str],
     first_shard: int,
     shard_sizes: list[int],
     shards_url: str,
 ) -> dict:
-    """Write shards first_shard.. from `segments`: [start, stop) of each part's deduplicated rows."""
+    """Write shards first_shard.. from `segments`: [start, stop) of each part's deduplicated
+    kept rows, read from its input file."""
     duplicates = _duplicate_rows(dupes_urls, {s["part"] for s in segments})
-    sizes = list(shard_sizes)
-    number = first_shard
-    pending: list[pa.Table] = []
-    pending_rows = written = 0
+    tables = []
     for segment in segments:
-        table = storage.read_parquet(segment["url"])
+        kept = storage.read_parquet(segment["kept_url"]).column("row").to_numpy()
         dup = duplicates.get(segment["part"])
         if dup is not None and len(dup):
-            keep = np.ones(table.num_rows, dtype=bool)
-            keep[dup] = False
-            table = table.filter(pa.array(keep))
+            kept = np.delete(kept, dup)
         start, stop = segment["start"], segment["stop"]
-        if stop > table.num_rows:
+        if stop > len(kept):
             raise MetadataError(
-                f"{segment['url']}: {table.num_rows} rows after dedup, the plan expected at least "
-                f"{stop}; re-run the metadata stage"
+                f"{segment['kept_url']}: {len(kept)} rows after dedup, the plan expected at "
+                f"least {stop}; re-run the metadata stage"
             )
-        pending.append(table.slice(start, stop - start))
-        pending_rows += stop - start
-        while sizes and pending_rows >= sizes[0]:
-            combined = pa.concat_tables(pending)
-            size = sizes.pop(0)
-            shard = combined.slice(0, size).combine_chunks()
-            with storage.atomic_open(storage.join(shards_url, _shard_name(number))) as handle:
-                pq.write_table(shard, handle, compression="zstd", use_dictionary=PART_DICTIONARY)
-            number += 1
-            written += size
-            pending = [combined.slice(size)]
-            pending_rows -= size
-    if sizes or pending_rows:
+        if stop > start:
+            tables.append(_read_rows(segment["source"], kept[start:stop], columns))
+    rows = pa.concat_tables(tables) if tables else schemas.DOWNLOAD_SHARD.empty_table()
+    if rows.num_rows != sum(shard_sizes):
         raise MetadataError(
-            f"shards {first_shard}..: the parts held {written + pending_rows} rows, the plan "
+            f"shards {first_shard}..: the parts held {rows.num_rows} rows, the plan "
             f"{sum(shard_sizes)}; re-run the metadata stage"
         )
-    return {"items": written, "shards": number - first_shard}
+    offset = 0
+    for number, size in enumerate(shard_sizes, start=first_shard):
+        shard = rows.slice(offset, size).combine_chunks()
+        with storage.atomic_open(storage.join(shards_url, _shard_name(number))) as handle:
+            pq.write_table(shard, handle, compression="snappy", use_dictionary=SHARD_DICTIONARY)
+        offset += size
+    return {"items": offset, "shards": len(shard_sizes)}
 
 
 def _shard_name(number: int) -> str:
@@ -699,7 +779,7 @@ class PartPlan:
     file_index: int
     source: str
     row_groups: tuple[int, int]
-    first_row: int
+    rows: tuple[int, int]
 
 
 def plan_parts(files: list[InputFile], task_rows: int) -> list[PartPlan]:
@@ -710,23 +790,24 @@ def plan_parts(files: list[InputFile], task_rows: int) -> list[PartPlan]:
         first_row = row = 0
         for group, rows in enumerate(info.row_group_rows):
             if group > start and row - first_row + rows > task_rows:
-                plans.append(_part(len(plans), file_index, info.url, start, group, first_row))
+                plans.append(
+                    _part(len(plans), file_index, info.url, (start, group), (first_row, row))
+                )
                 start, first_row = group, row
             row += rows
-        plans.append(
-            _part(len(plans), file_index, info.url, start, len(info.row_group_rows), first_row)
-        )
+        groups = (start, len(info.row_group_rows))
+        plans.append(_part(len(plans), file_index, info.url, groups, (first_row, row)))
     return plans
 
 
-def _part(index: int, file_index: int, source: str, start: int, stop: int, first_row: int):
+def _part(index: int, file_index: int, source: str, groups: tuple, rows: tuple) -> PartPlan:
     return PartPlan(
-        id=f"{file_index:05d}-{start:05d}",
+        id=f"{file_index:05d}-{groups[0]:05d}",
         index=index,
         file_index=file_index,
         source=source,
-        row_groups=(start, stop),
-        first_row=first_row,
+        row_groups=groups,
+        rows=rows,
     )
 
 
@@ -781,13 +862,15 @@ def _remove_except(folder: str, keep: set[str]) -> None:
 
 
 def _shard_tasks(
-    parts: list[PartPlan], final_rows: list[int], part_urls: list[str], dupes_urls: list[str], ctx
+    parts: list[PartPlan], final_rows: list[int], kept_urls: list[str], dupes_urls: list[str], ctx
 ) -> tuple[list[ShardTask], int]:
     rows_per_shard = ctx.config.metadata.rows_per_shard
     total = sum(final_rows)
     n_shards = math.ceil(total / rows_per_shard)
     offsets = np.concatenate([[0], np.cumsum(final_rows)]).tolist()
-    per_task = max(1, SHARD_TASK_ROWS // rows_per_shard)
+    # At least MIN_SHARD_TASKS tasks so the workers share the reading; never more rows than
+    # SHARD_TASK_ROWS in one. Counted from the shards alone, so a re-run plans the same tasks.
+    per_task = max(1, min(SHARD_TASK_ROWS // rows_per_shard, math.ceil(n_shards / MIN_SHARD_TASKS)))
     tasks = []
     for first in range(0, n_shards, per_task):
         last = min(first + per_task, n_shards)
@@ -795,7 +878,8 @@ def _shard_tasks(
         segments = [
             {
                 "part": p.index,
-                "url": part_urls[p.index],
+                "kept_url": kept_urls[p.index],
+                "source": p.source,
                 "start": max(begin, offsets[p.index]) - offsets[p.index],
                 "stop": min(end, offsets[p.index + 1]) - offsets[p.index],
             }
@@ -809,6 +893,7 @@ def _shard_tasks(
                 dict(
                     segments=segments,
                     dupes_urls=dupes_urls,
+                    columns=column_map(ctx.config.metadata.columns),
                     first_shard=first,
                     shard_sizes=sizes,
                     shards_url=ctx.path(STAGE, "shards"),
@@ -834,15 +919,16 @@ def run(ctx: StageContext) -> None:
         {k: v and v["token"] for k, v in lists.items()},
         TASK_ROWS,
         hash_bits,
+        OUTPUT_VERSION,
     )
     folder = {
-        name: ctx.path(STAGE, name) for name in ("parts", "drops", "urlhash", "dupes", "shards")
+        name: ctx.path(STAGE, name) for name in ("kept", "drops", "urlhash", "dupes", "shards")
     }
     ids = {p.id for p in parts}
-    _remove_except(folder["parts"], ids)
+    _remove_except(folder["kept"], ids)
     _remove_except(folder["drops"], ids | ({"duplicate_url"} if section.dedup_urls else set()))
     _remove_except(folder["urlhash"], ids if section.dedup_urls else set())
-    part_urls = [storage.join(folder["parts"], f"{p.id}.parquet") for p in parts]
+    kept_urls = [storage.join(folder["kept"], f"{p.id}.parquet") for p in parts]
     hash_urls = [storage.join(folder["urlhash"], f"{p.id}.parquet") for p in parts]
     tasks = [
         ShardTask(
@@ -851,10 +937,10 @@ def run(ctx: StageContext) -> None:
                 source=p.source,
                 file_index=p.file_index,
                 row_groups=list(p.row_groups),
-                first_row=p.first_row,
+                rows=list(p.rows),
                 section=section,
                 lists=lists,
-                part_url=part_urls[p.index],
+                kept_url=kept_urls[p.index],
                 drops_url=storage.join(folder["drops"], f"{p.id}.parquet"),
                 hash_url=hash_urls[p.index],
                 hash_bits=hash_bits,
@@ -899,7 +985,7 @@ def run(ctx: StageContext) -> None:
         _remove_except(folder["dupes"], set())
 
     final_rows = [k - d for k, d in zip(kept, duplicates, strict=True)]
-    shard_tasks, n_shards = _shard_tasks(parts, final_rows, part_urls, dupes_urls, ctx)
+    shard_tasks, n_shards = _shard_tasks(parts, final_rows, kept_urls, dupes_urls, ctx)
     shards_fp = _digest(dedup_fp, duplicates, section.rows_per_shard)
     ctx.map_shards(f"{STAGE}/shards", write_shards, shard_tasks, fingerprint=shards_fp, unit="rows")
     _remove_except(folder["shards"], {_shard_name(n)[: -len(".parquet")] for n in range(n_shards)})

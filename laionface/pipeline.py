@@ -85,7 +85,8 @@ def run_pipeline(
     run_url = resolve_run_url(config, run_dir)
     run = RunFolder(run_url)
     run.start(config)
-    with _RunLog(run), open_client(config, run_url, scheduler, workers) as client:
+    preload = [STAGE_MODULES[name] for name in names]
+    with _RunLog(run), open_client(config, run_url, scheduler, workers, preload) as client:
         log.info("run folder: %s", run_url)
         ctx = StageContext(config, run, client, progress=progress, options=dict(options or {}))
         for name in names:

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,31 +293,34 @@ class StageContext:
 
 # Imported once in a fork server that every LocalCluster worker forks from, as img2dataset's
 # own processes fork after one import: spawned workers each paid ~3 s of CPU importing
-# img2dataset and torch (benchmarks/bench_download.py).
-WORKER_PRELOAD = (
-    "distributed",
-    "numpy",
-    "pyarrow",
-    "img2dataset.downloader",
-    "laionface.download",
-    "laionface.faces",
-)
+# img2dataset and torch (benchmarks/bench_download.py). Besides these, the modules of the stages
+# a command runs (`open_client(preload=...)`): a metadata-only run's workers then hold neither
+# torch nor img2dataset (~250 MB each).
+WORKER_PRELOAD = ("distributed", "numpy", "pyarrow", "pandas")
 
 
-def _preload_worker_imports() -> None:
+def _preload_worker_imports(modules: Iterable[str]) -> None:
     import dask
     from distributed.utils import get_mp_context
 
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     # get_mp_context sets Dask's own preload list the first time; ours replaces it.
-    get_mp_context().set_forkserver_preload(list(WORKER_PRELOAD))
+    get_mp_context().set_forkserver_preload([*WORKER_PRELOAD, *modules])
 
 
 @contextlib.contextmanager
 def open_client(
-    config: Config, run_url: str, scheduler: str = "", workers: int | None = None
+    config: Config,
+    run_url: str,
+    scheduler: str = "",
+    workers: int | None = None,
+    preload: Iterable[str] | None = None,
 ) -> Iterator[Any]:
-    """A client for `--scheduler ADDRESS` / `cluster.scheduler`, or a LocalCluster sized from config."""
+    """A client for `--scheduler ADDRESS` / `cluster.scheduler`, or a LocalCluster sized from config.
+
+    `preload`: the modules a LocalCluster's worker processes import before they start (None:
+    every stage's).
+    """
     from distributed import Client, LocalCluster
 
     address = scheduler or config.cluster.scheduler
@@ -334,7 +337,11 @@ def open_client(
     processes = not storage.is_process_local(run_url)
     dashboard = bool(config.cluster.dashboard_address)
     if processes:
-        _preload_worker_imports()
+        if preload is None:
+            from laionface.pipeline import STAGE_MODULES  # pipeline imports this module
+
+            preload = STAGE_MODULES.values()
+        _preload_worker_imports(preload)
     cluster = LocalCluster(
         n_workers=workers or config.cluster.workers,
         threads_per_worker=config.cluster.threads_per_worker,

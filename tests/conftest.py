@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,36 @@ def shared_faces() -> Path:
             f"{path} is missing: the tests need the public-domain face photos in shared/faces"
         )
     return path
+
+
+S3_BUCKET = "laion-face"
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto's) on 127.0.0.1, with an empty bucket S3_BUCKET."""
+    import boto3
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=S3_BUCKET)
+    # In this process, the same setting FSSPEC_S3_ENDPOINT_URL gives a new one.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield endpoint, client
+    s3fs.S3FileSystem.clear_instance_cache()
+    # moto keeps its buckets per process, not per server: the next test starts empty.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
+    server.stop()

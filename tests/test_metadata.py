@@ -20,6 +20,7 @@ from laionface.idlists import IdListError
 from laionface.metadata import MetadataError
 from laionface.pipeline import run_pipeline
 from laionface.runner import RunFolder, StageContext, open_client
+from tests.conftest import S3_BUCKET
 
 DEFAULT_ROW = {
     "URL": None,  # filled from SAMPLE_ID when not given
@@ -119,6 +120,7 @@ def test_each_filter_drops_its_rows_under_the_first_reason(client, tmp_path):
         # Row 13 (dropped by nsfw) has this URL: only rows that pass the filters claim a URL.
         {"SAMPLE_ID": 27, "URL": "https://img.example.com/shared.jpg"},
         {"SAMPLE_ID": 28, "HEIGHT": None},
+        {"SAMPLE_ID": 29, "similarity": float("nan")},  # NaN is not >= anything
     ]
     source = write_input(tmp_path / "part.parquet", rows)
     (tmp_path / "ids.txt").write_text(
@@ -151,7 +153,7 @@ def test_each_filter_drops_its_rows_under_the_first_reason(client, tmp_path):
         (source, "url_scheme"): 1,
         (source, "blocked_domain"): 2,
         (source, "nsfw"): 2,
-        (source, "min_similarity"): 2,
+        (source, "min_similarity"): 3,
         (source, "min_side"): 4,
         (source, "max_side"): 1,
         (source, "max_aspect_ratio"): 1,
@@ -160,7 +162,7 @@ def test_each_filter_drops_its_rows_under_the_first_reason(client, tmp_path):
         (source, "duplicate_url"): 1,
     }
     summary = storage.read_json(ctx.path("metadata", "summary.json"))
-    assert summary["input_rows"] == 28 and summary["kept_rows"] == 6
+    assert summary["input_rows"] == 29 and summary["kept_rows"] == 6
     assert summary["reasons"] == list(metadata.REASONS)
 
 
@@ -508,3 +510,25 @@ def test_turning_dedup_off_keeps_repeated_urls_and_drops_their_counts(client, tm
         assert storage.list_files(ctx.path("metadata", folder), ".parquet") == []
     inputs = storage.read_parquet(ctx.path("metadata", "inputs.parquet")).to_pylist()
     assert inputs == [{"source": source, "input_rows": 7, "kept_rows": 7, "dropped_rows": 0}]
+
+
+def test_inputs_on_an_object_store_are_read_in_place(client, tmp_path, s3_server):
+    """Input parquet and the ID list on S3 (a real S3 server on 127.0.0.1), read through fsspec."""
+    rows = [{"SAMPLE_ID": i, "NSFW": "NSFW" if i == 4 else "UNLIKELY"} for i in range(10)]
+    local = write_input(tmp_path / "part.parquet", rows, row_group_size=4)
+    fs = fsspec.filesystem("s3")
+    fs.put(local, f"{S3_BUCKET}/laion/part-00000.parquet")
+    fs.pipe(f"{S3_BUCKET}/laion/ids.txt", b"1\n2\n4\n8\n")
+    source = f"s3://{S3_BUCKET}/laion/part-00000.parquet"
+    ctx = run_stage(
+        client,
+        {
+            "input": [f"s3://{S3_BUCKET}/laion/"],
+            "id_list": f"s3://{S3_BUCKET}/laion/ids.txt",
+            "nsfw": ["UNLIKELY"],
+        },
+    )
+    out = shard_rows(ctx)
+    assert out.column("SAMPLE_ID").to_pylist() == [1, 2, 8]
+    assert out.column("source_file").to_pylist() == [source] * 3
+    assert drop_counts(ctx) == {(source, "id_list"): 6, (source, "nsfw"): 1}

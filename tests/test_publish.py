@@ -15,8 +15,7 @@ from laionface import storage
 from laionface.publish import PublishError, publish
 from laionface.verify import verify
 from tests import datasetrun
-
-BUCKET = "laion-face"
+from tests.conftest import S3_BUCKET as BUCKET
 
 
 @pytest.fixture(scope="module")
@@ -86,33 +85,6 @@ def test_publish_refuses_a_corrupt_source_or_a_copy_that_does_not_verify(built, 
     with pytest.raises(PublishError, match=r"does not verify(.|\n)*00002.tar: sha256 differs"):
         publish(str(built.run), str(target), on_file=corrupt_target)
     assert not (target / "dataset.json").exists()
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A real S3-compatible server (moto's) on 127.0.0.1, with an empty bucket."""
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    # In this process, the same setting FSSPEC_S3_ENDPOINT_URL gives a new one.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield endpoint, client
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def _objects(client) -> dict[str, object]:
