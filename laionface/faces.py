@@ -5,7 +5,7 @@ Per raw shard `raw/NNNNN.tar`, the tar is streamed once; each image is decoded o
 images, refused by its header when over `faces.max_image_pixels`), and from those pixels come the
 RetinaFace detections and the pHash; the sha256 is of the stored bytes. The tar is cut into
 windows of images; decoding runs ahead on a thread pool while the detector works on earlier
-windows (PIL and ONNX Runtime release the GIL).
+windows (PIL, torch and ONNX Runtime release the GIL).
 
 Output `faces/NNNNN.parquet` (schemas.FACES): one row per image in the tar, in tar order, with every
 detection scoring at least `faces.record_threshold`, boxes and landmarks in the upright image's

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,13 +174,23 @@ class FPN(nn.Module):
         self.merge1 = _conv_bn(out_channels, out_channels, leaky=leaky)
         self.merge2 = _conv_bn(out_channels, out_channels, leaky=leaky)
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, features: list[torch.Tensor], sides_multiple_of_32: bool = False
+    ) -> list[torch.Tensor]:
+        """`sides_multiple_of_32`: the input's sides are, so each level is exactly twice the next
+        and a constant 2x upsample equals the nearest upsample to the level's size."""
         out1 = self.output1(features[0])
         out2 = self.output2(features[1])
         out3 = self.output3(features[2])
-        out2 = self.merge2(out2 + F.interpolate(out3, size=out2.shape[-2:], mode="nearest"))
-        out1 = self.merge1(out1 + F.interpolate(out2, size=out1.shape[-2:], mode="nearest"))
+        out2 = self.merge2(out2 + _upsample(out3, out2, sides_multiple_of_32))
+        out1 = self.merge1(out1 + _upsample(out2, out1, sides_multiple_of_32))
         return [out1, out2, out3]
+
+
+def _upsample(x: torch.Tensor, like: torch.Tensor, double: bool) -> torch.Tensor:
+    if double:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=like.shape[-2:], mode="nearest")
 
 
 class SSH(nn.Module):
@@ -256,42 +267,80 @@ class RetinaFace(nn.Module):
         return boxes, face_probability, landmarks
 
 
-@lru_cache(maxsize=64)
-def priors(height: int, width: int) -> torch.Tensor:
-    """Anchors for an (height, width) input: (A, 4) rows of (cx, cy, w, h) in input pixels.
+class FusedHeadsRetinaFace(nn.Module):
+    """A RetinaFace's function in the form exported to ONNX, for inputs whose sides are multiples
+    of 32 px (the detector's canvases): the same outputs, and ONNX Runtime keeps its blocked
+    (NCHWc) layout from the input to the heads, ~3 % less CPU per image. The FPN upsamples by a
+    constant 2x (not to a size computed from shapes), and each level's class, box and landmark
+    1x1 convs run as one conv (in ONNX Runtime each was padded to 16 channels and reordered)."""
 
-    Order matches the heads' output: level by level, row-major over cells, then min size.
+    def __init__(self, model: RetinaFace) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleList()
+        for level in range(len(ANCHOR_STEPS)):
+            convs = [
+                heads[level].conv1x1
+                for heads in (model.ClassHead, model.BboxHead, model.LandmarkHead)
+            ]
+            fused = nn.Conv2d(convs[0].in_channels, sum(c.out_channels for c in convs), 1)
+            with torch.no_grad():
+                fused.weight.copy_(torch.cat([c.weight for c in convs]))
+                fused.bias.copy_(torch.cat([c.bias for c in convs]))
+            self.heads.append(fused)
+        self.splits = [ANCHORS_PER_CELL * values for values in (2, 4, 10)]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        levels = model.fpn(model.body(x), sides_multiple_of_32=True)
+        features = [model.ssh1(levels[0]), model.ssh2(levels[1]), model.ssh3(levels[2])]
+        per_level = [
+            head(f).permute(0, 2, 3, 1).split(self.splits, dim=-1)
+            for head, f in zip(self.heads, features, strict=True)
+        ]
+        logits, boxes, landmarks = (
+            torch.cat([level[i].reshape(x.shape[0], -1, width) for level in per_level], dim=1)
+            for i, width in enumerate((2, 4, 10))
+        )
+        return boxes, F.softmax(logits, dim=-1)[..., 1], landmarks
+
+
+# 128 shapes: the 108 canvas shapes of the benchmark's images at 32 px buckets fit.
+@lru_cache(maxsize=128)
+def priors(height: int, width: int) -> np.ndarray:
+    """Anchors for an (height, width) input: float32 (A, 4) rows of (cx, cy, w, h) in input pixels.
+
+    Order matches the heads' output: level by level, row-major over cells, then min size. The
+    array is cached per shape and read-only.
     """
     rows = []
     for step, min_sizes in zip(ANCHOR_STEPS, ANCHOR_MIN_SIZES, strict=True):
         cells_y, cells_x = math.ceil(height / step), math.ceil(width / step)
-        cy, cx = torch.meshgrid(
-            (torch.arange(cells_y, dtype=torch.float64) + 0.5) * step,
-            (torch.arange(cells_x, dtype=torch.float64) + 0.5) * step,
+        cy, cx = np.meshgrid(
+            (np.arange(cells_y, dtype=np.float64) + 0.5) * step,
+            (np.arange(cells_x, dtype=np.float64) + 0.5) * step,
             indexing="ij",
         )
-        sizes = torch.tensor(min_sizes, dtype=torch.float64)
-        level = torch.stack(
-            [
-                cx[..., None].expand(-1, -1, len(min_sizes)),
-                cy[..., None].expand(-1, -1, len(min_sizes)),
-                sizes.expand(cells_y, cells_x, -1),
-                sizes.expand(cells_y, cells_x, -1),
-            ],
-            dim=-1,
-        )
+        level = np.empty((cells_y, cells_x, len(min_sizes), 4), dtype=np.float64)
+        level[..., 0] = cx[..., None]
+        level[..., 1] = cy[..., None]
+        level[..., 2] = level[..., 3] = min_sizes
         rows.append(level.reshape(-1, 4))
-    return torch.cat(rows).to(torch.float32)
+    anchors = np.concatenate(rows).astype(np.float32)
+    anchors.setflags(write=False)
+    return anchors
 
 
 def decode(
-    box_regressions: torch.Tensor, landmark_regressions: torch.Tensor, anchors: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regressions (..., A, 4) and (..., A, 10) to corner boxes and landmark points in pixels."""
+    box_regressions: np.ndarray, landmark_regressions: np.ndarray, anchors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 regressions (..., A, 4) and (..., A, 10) to corner boxes and landmark points in
+    pixels, for anchors (..., A, 4)."""
     centers, sizes = anchors[..., :2], anchors[..., 2:]
-    box_centers = centers + box_regressions[..., :2] * VARIANCES[0] * sizes
-    box_sizes = sizes * torch.exp(box_regressions[..., 2:] * VARIANCES[1])
-    boxes = torch.cat([box_centers - box_sizes / 2, box_centers + box_sizes / 2], dim=-1)
-    points = landmark_regressions.unflatten(-1, (5, 2))
-    landmarks = centers.unsqueeze(-2) + points * VARIANCES[0] * sizes.unsqueeze(-2)
-    return boxes, landmarks.flatten(-2)
+    box_centers = centers + box_regressions[..., :2] * np.float32(VARIANCES[0]) * sizes
+    box_sizes = sizes * np.exp(box_regressions[..., 2:] * np.float32(VARIANCES[1]))
+    half = box_sizes / 2
+    boxes = np.concatenate([box_centers - half, box_centers + half], axis=-1)
+    points = landmark_regressions.reshape(*landmark_regressions.shape[:-1], 5, 2)
+    landmarks = centers[..., None, :] + points * np.float32(VARIANCES[0]) * sizes[..., None, :]
+    return boxes, landmarks.reshape(*landmarks.shape[:-2], 10)

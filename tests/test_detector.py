@@ -167,6 +167,17 @@ def test_resnet50_checkpoint_with_module_prefix_loads_and_runs(tmp_path):
     assert landmarks.shape == (1, len(anchors), 10)
 
 
+def test_fused_heads_form_gives_the_networks_outputs(photos):
+    """The form exported to ONNX equals the network on inputs with sides multiples of 32 px."""
+    model = load_network("mobilenet0.25", weights_file())
+    fused = retinaface.FusedHeadsRetinaFace(model).eval()
+    image = photos["fr_two_people.jpg"][:320, :448, ::-1].astype(np.float32)
+    x = torch.from_numpy(image - np.float32(retinaface.BGR_MEAN)).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        for expected, got in zip(model(x), fused(x), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_checkpoint_for_network_is_a_clear_error():
     with pytest.raises(WeightsError, match="does not fit RetinaFace resnet50"):
         load_network("resnet50", weights_file())

@@ -116,6 +116,17 @@ def test_phash_conversions_for_storage():
     assert signed.cast(pa.uint64(), safe=False)[0].as_py() == high
 
 
+def test_downscaled_pixels_are_pils_bilinear_within_two_levels(two_people):
+    """Shrinking runs on torch's vectorized kernel: the same filter as PIL's BILINEAR resize."""
+    for size in ((1126, 661), (900, 1400), (1279, 700)):
+        source = two_people.resize(size, Image.Resampling.LANCZOS)
+        decoded = decode_image(encode(source, "PNG"), MAX_SIZE, MAX_PIXELS)  # PNG: lossless
+        pil = np.asarray(source.resize(fit_size(*size, MAX_SIZE), Image.Resampling.BILINEAR))
+        assert decoded.pixels.shape == pil.shape
+        difference = np.abs(decoded.pixels.astype(int) - pil.astype(int))
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01, size
+
+
 def test_fit_size_never_upscales():
     assert fit_size(1126, 661, 640) == (640, 376)
     assert fit_size(970, 2204, 640) == (282, 640)
