@@ -40,6 +40,7 @@ from PIL import Image
 from laionface import download, storage
 from laionface.config import Config
 from laionface.imageserver import ImageServer, fetch_rate
+from laionface.pipeline import worker_preload
 from laionface.runner import RunFolder, StageContext, open_client
 from laionface.schemas import DOWNLOAD_SHARD
 
@@ -170,7 +171,7 @@ def run_laionface(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple
     # What `laionface run --stages download` does, minus the audit of the other stages' outputs.
     run = RunFolder(str(out))
     run.start(config)
-    with open_client(config, run.url, preload=["laionface.download"]) as client:
+    with open_client(config, run.url, preload=worker_preload(["download"])) as client:
         download.run(StageContext(config, run, client, progress=False))
     seconds = time.perf_counter() - started
     outcomes = run.state["stages"]["download"]["outcomes"]

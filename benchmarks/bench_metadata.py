@@ -142,7 +142,7 @@ def generate(folder: Path, rows: int, row_group: int, seed: int = 0) -> dict[str
 
 def run_laionface(paths: dict[str, str], out: str, workers: int, defaults: bool) -> dict:
     from laionface.config import parse_config
-    from laionface.pipeline import run_pipeline
+    from laionface.pipeline import run_pipeline, worker_preload
     from laionface.runner import open_client
 
     metadata = {
@@ -163,7 +163,7 @@ def run_laionface(paths: dict[str, str], out: str, workers: int, defaults: bool)
     )
     # The LocalCluster `laionface run --stages metadata` would start (its workers preload the
     # metadata stage's imports), started first so the stage's own time shows.
-    with open_client(config, out, preload=["laionface.metadata"]) as client:
+    with open_client(config, out, preload=worker_preload(["metadata"])) as client:
         workers_cpu = sum(client.run(time.process_time).values())
         started, cpu = time.perf_counter(), time.process_time()
         run_pipeline(

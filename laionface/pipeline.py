@@ -27,6 +27,14 @@ STAGE_MODULES = {
     "dedup": "laionface.dedup",
     "emit": "laionface.emit",
 }
+# What a stage's workers import besides its module: imports the module makes only inside its
+# task functions, so that loading it on the driver stays cheap.
+STAGE_WORKER_IMPORTS = {"download": ("img2dataset.downloader",)}
+
+
+def worker_preload(names: Iterable[str]) -> list[str]:
+    """The modules LocalCluster workers import before they start, for these stages."""
+    return [m for name in names for m in (STAGE_MODULES[name], *STAGE_WORKER_IMPORTS.get(name, ()))]
 
 
 def parse_stages(text: str | Iterable[str] | None) -> list[str]:
@@ -85,7 +93,7 @@ def run_pipeline(
     run_url = resolve_run_url(config, run_dir)
     run = RunFolder(run_url)
     run.start(config)
-    preload = [STAGE_MODULES[name] for name in names]
+    preload = worker_preload(names)
     with _RunLog(run), open_client(config, run_url, scheduler, workers, preload) as client:
         log.info("run folder: %s", run_url)
         ctx = StageContext(config, run, client, progress=progress, options=dict(options or {}))

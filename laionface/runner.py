@@ -293,9 +293,9 @@ class StageContext:
 
 # Imported once in a fork server that every LocalCluster worker forks from, as img2dataset's
 # own processes fork after one import: spawned workers each paid ~3 s of CPU importing
-# img2dataset and torch (benchmarks/bench_download.py). Besides these, the modules of the stages
-# a command runs (`open_client(preload=...)`): a metadata-only run's workers then hold neither
-# torch nor img2dataset (~250 MB each).
+# img2dataset and torch (benchmarks/bench_download.py). Besides these, what the stages a command
+# runs need (`open_client(preload=pipeline.worker_preload(stages))`): a metadata-only run's
+# workers then hold neither torch nor img2dataset (~250 MB each).
 WORKER_PRELOAD = ("distributed", "numpy", "pyarrow", "pandas")
 
 
@@ -338,9 +338,9 @@ def open_client(
     dashboard = bool(config.cluster.dashboard_address)
     if processes:
         if preload is None:
-            from laionface.pipeline import STAGE_MODULES  # pipeline imports this module
+            from laionface.pipeline import STAGE_MODULES, worker_preload  # pipeline imports us
 
-            preload = STAGE_MODULES.values()
+            preload = worker_preload(STAGE_MODULES)
         _preload_worker_imports(preload)
     cluster = LocalCluster(
         n_workers=workers or config.cluster.workers,
