@@ -15,8 +15,9 @@ Flow for a list of images:
 
 Engines: `torch` (eager, channels_last; on CUDA half precision), `torch-nchw` (eager, plain
 layout: the baseline), and `onnx` (ONNX Runtime on an exported graph with dynamic batch and
-size, sides multiples of 32 px as the canvases are, cached on disk). torch.compile is not offered: on CPU it compiles for about 40 s per canvas
-shape and a dynamic-shape compile was no faster than eager (benchmarks/bench_engines.py).
+size, sides multiples of 32 px as the canvases are, cached on disk). torch.compile is not
+offered: on CPU it compiles for about 40 s per canvas shape and a dynamic-shape compile was no
+faster than eager (benchmarks/bench_engines.py).
 `auto` is `torch` on CUDA and `onnx` on CPU when onnxruntime is installed (fastest here; see
 benchmarks/bench_engines.py), else `torch`.
 

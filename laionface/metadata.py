@@ -454,7 +454,6 @@ def _batches(
 
 
 def reason_codes(
-    con: duckdb.DuckDBPyConnection,
     section: MetadataSection,
     lists: tuple[IdList | None, IdList | None],
     source: str,
@@ -479,17 +478,17 @@ def reason_codes(
         columns.append("CASE WHEN early = 0 THEN URL END AS URL")
     mapping = column_map(section.columns)
     sql = f"SELECT {', '.join(columns)} FROM {_scan(source, start, stop, mapping)}"
-    for batch in _batches(con, sql, source, start, stop):
+    for batch in _batches(_connection(source), sql, source, start, stop):
         codes = batch.column("early").to_numpy().copy()
         undecided = codes == 0
+        ids = batch.column("SAMPLE_ID") if wants_ids else None
+        urls = batch.column("URL") if wants_urls else None
         for name, listed, keep_listed in (
             ("id_list", lists[0], True),
             ("exclude_list", lists[1], False),
         ):
             if listed is None:
                 continue
-            ids = batch.column("SAMPLE_ID") if wants_ids else None
-            urls = batch.column("URL") if wants_urls else None
             drop = undecided & (_in_list(listed, ids, urls, undecided) != keep_listed)
             codes[drop] = REASONS.index(name) + 1
             undecided &= ~drop
@@ -553,23 +552,20 @@ def _write_url_hashes(hashes: np.ndarray, bits: int, url: str) -> None:
             )
 
 
-def _kept_url_hashes(
-    con: duckdb.DuckDBPyConnection, source: str, kept: np.ndarray, mapping: dict[str, str]
-) -> np.ndarray:
-    """idlists.url_hashes of the URLs of rows `kept` (sorted row numbers) of `source`."""
-    if len(kept) == 0:
-        return idlists.EMPTY_HASHES.copy()
-    start, stop = int(kept[0]), int(kept[-1]) + 1
-    con.register("kept_rows", pa.table({"row": kept}))
+def _select_rows(source: str, rows: np.ndarray, mapping: dict[str, str], columns: str) -> pa.Table:
+    """`columns` (SQL, LAION names) of rows `rows` (sorted row numbers) of `source`, in row order."""
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    con = _connection(source)
+    con.register("wanted_rows", pa.table({"row": rows}))
     try:
+        # A semi-join on row numbers: only the pages around the rows asked for are decoded.
         sql = (
-            f"SELECT source_row, URL FROM {_scan(source, start, stop, mapping)} "
-            "WHERE source_row IN (SELECT row FROM kept_rows)"
+            f"SELECT source_row, {columns} FROM {_scan(source, start, stop, mapping)} "
+            "WHERE source_row IN (SELECT row FROM wanted_rows)"
         )
-        table = _query(con, sql, source, start, stop)
+        return _in_row_order(_query(con, sql, source, start, stop), rows, source)
     finally:
-        con.unregister("kept_rows")
-    return idlists.url_hashes(_in_row_order(table, kept, source).column("URL"))
+        con.unregister("wanted_rows")
 
 
 def _in_row_order(table: pa.Table, rows: np.ndarray, source: str) -> pa.Table:
@@ -601,11 +597,10 @@ def filter_part(
 ) -> dict:
     """Decide the fate of rows [start, stop) (row groups [first, stop)) of `source`."""
     start, stop = rows
-    con = _connection(source)
     counts = np.zeros(len(REASONS) + 1, dtype=np.int64)
     kept_parts = []
     read = 0
-    for row_numbers, codes in reason_codes(con, section, _load_lists(lists), source, start, stop):
+    for row_numbers, codes in reason_codes(section, _load_lists(lists), source, start, stop):
         counts += np.bincount(codes, minlength=len(counts))
         kept_parts.append(row_numbers[codes == 0])
         read += len(codes)
@@ -618,8 +613,11 @@ def filter_part(
     kept = np.concatenate(kept_parts) if kept_parts else np.empty(0, np.int64)
     storage.write_parquet(pa.table({"row": pa.array(kept, pa.int64())}), kept_url)
     if section.dedup_urls:
-        mapping = column_map(section.columns)
-        _write_url_hashes(_kept_url_hashes(con, source, kept, mapping), hash_bits, hash_url)
+        hashes = idlists.EMPTY_HASHES.copy()
+        if len(kept):
+            urls = _select_rows(source, kept, column_map(section.columns), "URL").column("URL")
+            hashes = idlists.url_hashes(urls)
+        _write_url_hashes(hashes, hash_bits, hash_url)
     dropped = {reason: int(counts[i + 1]) for i, reason in enumerate(REASONS) if counts[i + 1]}
     storage.write_parquet(_drop_table(source, dropped), drops_url)
     return {
@@ -706,18 +704,7 @@ def _duplicate_rows(dupes_urls: list[str], parts: set[int]) -> dict[int, np.ndar
 
 def _read_rows(source: str, rows: np.ndarray, mapping: dict[str, str]) -> pa.Table:
     """Rows `rows` (sorted row numbers) of `source`, as DOWNLOAD_SHARD."""
-    start, stop = int(rows[0]), int(rows[-1]) + 1
-    con = _connection(source)
-    con.register("wanted_rows", pa.table({"row": rows}))
-    try:
-        # A semi-join on row numbers: only the pages around the rows asked for are decoded.
-        sql = (
-            f"SELECT * FROM {_scan(source, start, stop, mapping)} "
-            "WHERE source_row IN (SELECT row FROM wanted_rows)"
-        )
-        table = _in_row_order(_query(con, sql, source, start, stop), rows, source)
-    finally:
-        con.unregister("wanted_rows")
+    table = _select_rows(source, rows, mapping, ", ".join(schemas.LAION_METADATA.names))
     columns = [table.column(f.name).cast(f.type) for f in schemas.LAION_METADATA]
     columns += [pa.repeat(pa.scalar(source), table.num_rows), table.column("source_row")]
     return pa.Table.from_arrays(columns, schema=schemas.DOWNLOAD_SHARD)
