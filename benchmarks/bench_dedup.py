@@ -108,9 +108,10 @@ def method_memory(args) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from laionface import dedup, hashindex
     from laionface.config import DedupSection
-    from laionface.schemas import DEDUP_SAMPLES, REFERENCE_HASHES
+    from laionface.io.schemas import DEDUP_SAMPLES, REFERENCE_HASHES
+    from laionface.stages.dedup import hashindex
+    from laionface.stages.dedup import stage as dedup
 
     hashes, planted, chains = make_data(args.n, args.max_distance, args.seed)
     rng = np.random.default_rng(1)
@@ -173,9 +174,10 @@ def method_dask(args) -> dict:
     import pyarrow as pa
     from distributed import Client, LocalCluster
 
-    from laionface import dedup, storage
     from laionface.config import Config
-    from laionface.runner import RunFolder, StageContext
+    from laionface.engine.runner import RunFolder, StageContext
+    from laionface.io import storage
+    from laionface.stages.dedup import stage as dedup
 
     hashes, planted, _ = make_data(args.dask_n, args.max_distance, args.seed)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -257,7 +259,7 @@ def method_bktree(args) -> dict:
 def method_faiss(args) -> dict:
     import faiss
 
-    from laionface import hashindex
+    from laionface.stages.dedup import hashindex
 
     hashes, planted, _ = make_data(args.faiss_n, args.max_distance, args.seed)
     values = hashindex.distinct(hashes)

@@ -37,12 +37,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from laionface import download, storage
 from laionface.config import Config
-from laionface.imageserver import ImageServer, fetch_rate
-from laionface.pipeline import worker_preload
-from laionface.runner import RunFolder, StageContext, open_client
-from laionface.schemas import DOWNLOAD_SHARD
+from laionface.demo.imageserver import ImageServer, fetch_rate
+from laionface.engine.pipeline import worker_preload
+from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.io import storage
+from laionface.io.schemas import DOWNLOAD_SHARD
+from laionface.stages.download import stage as download
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
 EXTRA_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]

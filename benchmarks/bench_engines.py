@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from laionface.detector import FaceDetector, TorchEngine, load_network
-from laionface.imagedecode import decode_image
+from laionface.detect.detector import FaceDetector, TorchEngine, load_network
+from laionface.io.imagedecode import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

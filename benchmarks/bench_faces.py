@@ -47,12 +47,13 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from laionface import faces, storage, tarindex
 from laionface.config import FacesSection
-from laionface.corpus import build_corpus
-from laionface.detector import FaceDetector
-from laionface.faces import detect_shard, detector_for
-from laionface.imagedecode import decode_image
+from laionface.demo.corpus import build_corpus
+from laionface.detect.detector import FaceDetector
+from laionface.io import storage
+from laionface.io.imagedecode import decode_image
+from laionface.stages import faces
+from laionface.stages.faces import detect_shard, detector_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -76,7 +77,7 @@ def prepare(work: Path, seed: int, rows: int, shards: int) -> tuple[list[Path], 
         for shard, tar in enumerate(tars):
             keys = []
             with storage.atomic_open(tar, "wb") as handle:
-                writer = tarindex.TarWriter(handle)
+                writer = tars.TarWriter(handle)
                 for index, path in enumerate(files[shard * per_shard : (shard + 1) * per_shard]):
                     key = f"{shard:05d}{index:04d}"
                     writer.add(f"{key}.jpg", path.read_bytes())

@@ -162,19 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from laionface.audit import stats_command
+    from laionface.audit.funnel import stats_command
 
     return stats_command(args.run)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from laionface.report import report_command
+    from laionface.audit.report import report_command
 
     return report_command(args.run, out=args.out)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from laionface.verify import dataset_folder, verify
+    from laionface.dataset.verify import dataset_folder, verify
 
     problems = verify(
         dataset_folder(args.path),
@@ -192,13 +192,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from laionface.publish import publish
+    from laionface.dataset.publish import publish
 
     return publish(args.run, args.target, replace=args.replace, workers=args.workers)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from laionface.export import export
+    from laionface.dataset.export import export
 
     for path in export(args.run, args.format, args.out):
         print(path)
@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from laionface.dedup import build_reference
+    from laionface.stages.dedup.stage import build_reference
 
     rows = build_reference(args.inputs, args.out)
     print(f"{args.out}: {rows} reference hashes")
@@ -214,7 +214,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from laionface.pipeline import run_pipeline
+    from laionface.engine.pipeline import run_pipeline
 
     config = load_config(args.pipeline, args.overrides)
     run = run_pipeline(
@@ -231,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from laionface.demo import run_demo
+    from laionface.demo.command import run_demo
 
     run_demo(
         run_dir=args.run_dir,

@@ -19,7 +19,7 @@ if "LAIONFACE_WEIGHTS_DIR" not in os.environ and (SHARED / "models").is_dir():
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory):
     """The default demo corpus (seed 0), built once per test session."""
-    from laionface.corpus import build_corpus
+    from laionface.demo.corpus import build_corpus
 
     return build_corpus(tmp_path_factory.getbasetemp() / "demo-corpus-seed0", seed=0)
 

@@ -23,11 +23,11 @@ import imagehash
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from laionface import schemas, storage
 from laionface.config import Config, SelectSection
-from laionface.runner import RunFolder, StageContext, open_client
-from laionface.select import select_shard
-from laionface.tarindex import iter_members
+from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.io import schemas, storage
+from laionface.io.tars import iter_members
+from laionface.stages.select import select_shard
 
 ROWS_PER_SHARD = 6
 SAMPLES_PER_SHARD = 4
@@ -247,7 +247,7 @@ def emit_config(mode: str = "copy") -> Config:
 
 def run_emit(run: Path, config: Config) -> None:
     """The real emit stage on a LocalCluster, as the pipeline calls it."""
-    from laionface import emit
+    from laionface.stages import emit
 
     folder = RunFolder(str(run))
     folder.start(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from laionface import storage
+from laionface.io import storage
 
 
 def write_value(out_url: str, value: int, fail_flag: str = "", count_dir: str = "") -> dict:

@@ -22,11 +22,13 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from laionface import audit, schemas, storage
+from laionface.audit import funnel as audit
 from laionface.config import Config, fingerprint
-from laionface.imagedecode import decode_image
-from laionface.runner import RunFolder, StageContext
-from laionface.select import select_shard
+from laionface.engine.pipeline import STAGE_MODULES
+from laionface.engine.runner import RunFolder, StageContext
+from laionface.io import schemas, storage
+from laionface.io.imagedecode import decode_image
+from laionface.stages.select import select_shard
 from tests.photos import PHOTOS
 
 HOSTILE_CAPTION = "<script>document.title='pwned'</script><b>bold?</b> & \"quotes\""
@@ -122,7 +124,7 @@ def _detect(images: dict[str, bytes], config: Config) -> dict[str, dict]:
     """FACES rows from the real RetinaFace, as the faces stage records them."""
     import torch
 
-    from laionface.detector import FaceDetector
+    from laionface.detect.detector import FaceDetector
 
     threads = torch.get_num_threads()
     # One thread: on a shared 2-core machine more threads contend and run 10x slower.
@@ -387,7 +389,7 @@ def _run_stages(config: Config, folder: RunFolder, names: list[str]) -> None:
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
         ctx = StageContext(config, folder, c, progress=False)
         for name in names:
-            importlib.import_module(f"laionface.{name}").run(ctx)
+            importlib.import_module(STAGE_MODULES[name]).run(ctx)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import yaml
 from distributed import Client
 
 from laionface.cli import build_parser
-from laionface.corpus import DEMO_HOST, build_corpus
-from laionface.imageserver import ImageServer
+from laionface.demo.corpus import DEMO_HOST, build_corpus
+from laionface.demo.imageserver import ImageServer
 
 REPO = Path(__file__).resolve().parents[1]
 # The `dask` command of this environment (make test runs without activating the venv).

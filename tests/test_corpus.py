@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laionface.corpus import (
+from laionface.demo.corpus import (
     DEMO_HOST,
     EXPECTED_STATUS,
     NEAR_KINDS,
@@ -52,7 +52,7 @@ def _digests(root: Path) -> dict[str, str]:
 def _build_in_subprocess(out: Path, seed: int, n_images: int | None = None) -> None:
     """Build in a fresh interpreter with another hash seed: nothing may depend on process state."""
     args = f"seed={seed}" + (f", n_images={n_images}" if n_images else "")
-    code = f"from laionface.corpus import build_corpus; build_corpus({str(out)!r}, {args})"
+    code = f"from laionface.demo.corpus import build_corpus; build_corpus({str(out)!r}, {args})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=300)
 

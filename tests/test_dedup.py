@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laionface import dedup, hashindex
 from laionface.config import Config
-from laionface.pipeline import run_pipeline
-from laionface.runner import RunFolder, StageContext
-from laionface.schemas import DATASET_SHARD, DEDUP, DROP_COUNTS, FACES, REFERENCE_HASHES, SELECT
+from laionface.engine.pipeline import run_pipeline
+from laionface.engine.runner import RunFolder, StageContext
+from laionface.io.schemas import DATASET_SHARD, DEDUP, DROP_COUNTS, FACES, REFERENCE_HASHES, SELECT
+from laionface.stages.dedup import hashindex
+from laionface.stages.dedup import stage as dedup
 
 # --------------------------------------------------------------------------------------------
 # Helpers: a run folder with faces/ and select/ shards, as the earlier stages write them
@@ -389,7 +390,7 @@ def test_same_decisions_with_1_or_3_workers_any_shard_order_and_both_backends(tm
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from laionface.corpus import build_corpus
+    from laionface.demo.corpus import build_corpus
 
     return build_corpus(tmp_path_factory.mktemp("corpus"), seed=3, n_images=100)
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from laionface import detector as detector_mod
-from laionface import retinaface
-from laionface.detector import FaceDetector, load_network, nms
-from laionface.imagedecode import decode_image
-from laionface.weights import CHECKPOINTS, WeightsError, load_state_dict, resolve_weights
+from laionface.detect import detector as detector_mod
+from laionface.detect import retinaface
+from laionface.detect.detector import FaceDetector, load_network, nms
+from laionface.detect.weights import CHECKPOINTS, WeightsError, load_state_dict, resolve_weights
+from laionface.io.imagedecode import decode_image
 from tests.photos import readme_face_counts
 
 MOBILENET = CHECKPOINTS["mobilenet0.25"]

@@ -23,12 +23,13 @@ import pytest
 from distributed import Client, LocalCluster
 from PIL import Image
 
-from laionface import download, storage
 from laionface.config import Config
-from laionface.corpus import DEMO_HOST, build_corpus
-from laionface.imageserver import PRIVATE_REDIRECT_TARGET, ImageServer
-from laionface.runner import RunFolder, StageContext, open_client
-from laionface.schemas import DOWNLOAD_SHARD
+from laionface.demo.corpus import DEMO_HOST, build_corpus
+from laionface.demo.imageserver import PRIVATE_REDIRECT_TARGET, ImageServer
+from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.io import storage
+from laionface.io.schemas import DOWNLOAD_SHARD
+from laionface.stages.download import stage as download
 
 SLOW_SECONDS = 3.0
 REPO = Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def test_killed_shard_is_never_visible_and_resumes(server, client, ok_files, tmp
         settings=config.download.model_dump(),
         samples_per_shard=10_000,
     )
-    code = "import json, sys; from laionface import download; download.download_shard(**json.loads(sys.argv[1]))"
+    code = "import json, sys; from laionface.stages.download import stage as download; download.download_shard(**json.loads(sys.argv[1]))"
     process = subprocess.Popen(
         [sys.executable, "-c", code, json.dumps(kwargs)],
         cwd=REPO,

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from laionface import schemas, storage
-from laionface.emit import EmitError, plan_samples
-from laionface.tarindex import iter_members
-from laionface.verify import manifest_files, verify
+from laionface.dataset.verify import manifest_files, verify
+from laionface.io import schemas, storage
+from laionface.io.tars import iter_members
+from laionface.stages.emit import EmitError, plan_samples
 from tests import datasetrun
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -127,7 +127,7 @@ def test_what_emit_writes_matches_manifests(built):
 def test_manifests_folder_is_generated_from_the_code():
     on_disk = {p.name: p.read_text() for p in MANIFESTS.iterdir()}
     assert on_disk == manifest_files(), (
-        'manifests/ is stale: regenerate it with python -c "from laionface.verify import '
+        'manifests/ is stale: regenerate it with python -c "from laionface.dataset.verify import '
         "write_manifest_files; write_manifest_files('manifests')\""
     )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laionface import schemas, storage
-from laionface.export import ExportError, export
+from laionface.dataset.export import ExportError, export
+from laionface.io import schemas, storage
 from tests import datasetrun
 
 SHARDS = ["00000", "00001", "00002", "00003", "00004"]

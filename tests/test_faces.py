@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from laionface import schemas, storage, tarindex
 from laionface.config import FacesSection
-from laionface.faces import detect_shard
+from laionface.io import schemas, storage, tars
+from laionface.stages.faces import detect_shard
 from tests.photos import readme_face_counts
 
 # Face counts at score > 0.5, from shared/faces/README.md.
@@ -31,7 +31,7 @@ def raw_shard(tmp_path_factory, shared_faces):
     images["huge.png"] = huge.getvalue()
     rows, keys = [], {}
     with open(folder / "00000.tar", "wb") as handle:
-        writer = tarindex.TarWriter(handle)
+        writer = tars.TarWriter(handle)
         for index, (name, data) in enumerate(images.items()):
             key = f"00000{index:04d}"
             keys[name] = key

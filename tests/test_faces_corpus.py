@@ -22,10 +22,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from laionface import storage, tarindex
 from laionface.config import SelectSection, load_config
-from laionface.faces import detect_shard
-from laionface.select import select_shard
+from laionface.io import storage, tars
+from laionface.stages.faces import detect_shard
+from laionface.stages.select import select_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = load_config(REPO / "pipelines" / "demo.toml")
@@ -54,7 +54,7 @@ def detected(demo_corpus, tmp_path_factory) -> tuple[Path, list[tuple[dict, dict
         tar_path.parent.mkdir(exist_ok=True)
         keys = []
         with open(tar_path, "wb") as handle:
-            writer = tarindex.TarWriter(handle)
+            writer = tars.TarWriter(handle)
             for index, row in enumerate(served[shard::SHARDS]):
                 key = f"{shard:05d}{index:04d}"
                 ext = row["file"].rsplit(".", 1)[1]

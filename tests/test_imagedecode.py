@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from laionface.imagedecode import (
+from laionface.io.imagedecode import (
     decode_image,
     fit_size,
     phash_from_hex,

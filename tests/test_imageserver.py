@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from laionface.corpus import DEMO_HOST
-from laionface.imageserver import (
+from laionface.demo.corpus import DEMO_HOST
+from laionface.demo.imageserver import (
     HTML_PAGE,
     PRIVATE_REDIRECT_TARGET,
     ImageServer,

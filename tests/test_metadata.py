@@ -14,12 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from laionface import idlists, metadata, schemas, storage
 from laionface.config import Config, parse_config
-from laionface.idlists import IdListError
-from laionface.metadata import MetadataError
-from laionface.pipeline import run_pipeline
-from laionface.runner import RunFolder, StageContext, open_client
+from laionface.engine.pipeline import run_pipeline
+from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.io import schemas, storage
+from laionface.stages.metadata import idlists
+from laionface.stages.metadata import stage as metadata
+from laionface.stages.metadata.idlists import IdListError
+from laionface.stages.metadata.stage import MetadataError
 from tests.conftest import S3_BUCKET
 
 DEFAULT_ROW = {

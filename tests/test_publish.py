@@ -11,9 +11,9 @@ import time
 import fsspec
 import pytest
 
-from laionface import storage
-from laionface.publish import PublishError, publish
-from laionface.verify import verify
+from laionface.dataset.publish import PublishError, publish
+from laionface.dataset.verify import verify
+from laionface.io import storage
 from tests import datasetrun
 from tests.conftest import S3_BUCKET as BUCKET
 
@@ -120,7 +120,7 @@ def test_publish_to_s3_interrupted_then_resumed(built, s3_server):
         [
             sys.executable,
             "-c",
-            "import sys; from laionface.publish import publish; "
+            "import sys; from laionface.dataset.publish import publish; "
             "sys.exit(publish(sys.argv[1], sys.argv[2]))",
             str(built.run),
             target,

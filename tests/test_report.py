@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laionface import audit, report, storage
+from laionface.audit import funnel as audit
+from laionface.audit import report
 from laionface.config import SelectSection
+from laionface.io import storage
 from tests.test_audit import HOSTILE_CAPTION, HOSTILE_URL, build_run, parse_stats
 
 SECTION_IDS = [sid for sid, _ in report.SECTIONS]

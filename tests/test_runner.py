@@ -7,9 +7,9 @@ import os
 import fsspec
 import pytest
 
-from laionface import storage
 from laionface.config import Config
-from laionface.runner import RunFolder, ShardTask, StageContext, StageFailed, open_client
+from laionface.engine.runner import RunFolder, ShardTask, StageContext, StageFailed, open_client
+from laionface.io import storage
 from tests import shardfns
 
 

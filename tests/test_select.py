@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from laionface import schemas, storage
 from laionface.config import SelectSection
-from laionface.select import decide, select_shard
+from laionface.io import schemas, storage
+from laionface.stages.select import decide, select_shard
 
 
 def face(x1, y1, x2, y2, score):

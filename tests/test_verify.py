@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from laionface import storage
-from laionface.tarindex import TarWriter, UnsafeTar, iter_members
-from laionface.verify import image_problem, verify
+from laionface.dataset.verify import image_problem, verify
+from laionface.io import storage
+from laionface.io.tars import TarWriter, UnsafeTar, iter_members
 from tests import datasetrun
 
 

@@ -38,11 +38,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laionface import audit, schemas, storage
+from laionface.audit import funnel as audit
 from laionface.config import Config, DedupSection, fingerprint
-from laionface.imagedecode import phash_to_hex
-from laionface.runner import ShardTask, StageContext, now_iso, software_versions
-from laionface.tarindex import HashingReader, HashingWriter, TarWriter, iter_members
+from laionface.engine.runner import ShardTask, StageContext, now_iso, software_versions
+from laionface.io import schemas, storage
+from laionface.io.imagedecode import phash_to_hex
+from laionface.io.tars import HashingReader, HashingWriter, TarWriter, iter_members
 
 log = logging.getLogger("laionface")
 

@@ -353,7 +353,7 @@ def serve_forever(corpus_dir: str | Path, port: int = 8000, slow_seconds: float 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m laionface.imageserver",
+        prog="python -m laionface.demo.imageserver",
         description="Serve a demo corpus folder on 127.0.0.1, or measure how fast it serves.",
     )
     parser.add_argument("corpus_dir", help="a folder written by laionface.corpus.build_corpus")

@@ -83,10 +83,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from laionface import idlists, schemas, storage
 from laionface.config import ConfigError, MetadataColumns, MetadataSection
-from laionface.idlists import IdList
-from laionface.runner import ShardTask, StageContext
+from laionface.engine.runner import ShardTask, StageContext
+from laionface.io import schemas, storage
+from laionface.stages.metadata import idlists
+from laionface.stages.metadata.idlists import IdList
 
 log = logging.getLogger("laionface")
 

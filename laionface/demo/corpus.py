@@ -13,7 +13,7 @@
 
 The images are real faces pasted at known places and sizes (16 px up to most of the frame) onto
 photos, textures and drawn backgrounds, the real photos themselves, and images with no face. Face
-photos and backgrounds come from `laionface/assets/` (public domain / CC0, see its README.md), so
+photos and backgrounds come from `laionface/demo/assets/` (public domain / CC0, see its README.md), so
 nothing outside the package is needed. Unrelated images are at least `DISTINCT_MIN_DISTANCE`
 pHash bits apart before encoding (the tiny placeholders aside); every near-duplicate is within
 `NEAR_MAX_DISTANCE` bits of its group's original, as decoded; so a dedup at pHash distance <= 4
@@ -84,10 +84,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from laionface import storage
-from laionface.imageserver import DEMO_HOST, HTML_PAGE, truncated_body
-from laionface.schemas import DEMO_TRUTH as TRUTH_SCHEMA
-from laionface.schemas import LAION_METADATA
+from laionface.demo.imageserver import DEMO_HOST, HTML_PAGE, truncated_body
+from laionface.io import storage
+from laionface.io.schemas import DEMO_TRUTH as TRUTH_SCHEMA
+from laionface.io.schemas import LAION_METADATA
 
 __all__ = ["DEMO_HOST", "Corpus", "CorpusError", "TRUTH_SCHEMA", "build_corpus"]
 

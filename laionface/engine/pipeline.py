@@ -12,20 +12,21 @@ import logging
 import time
 from collections.abc import Iterable
 
-from laionface import audit, storage
+from laionface.audit import funnel as audit
 from laionface.config import STAGE_ORDER, Config, ConfigError
-from laionface.runner import RunFolder, StageContext, now_iso, open_client
+from laionface.engine.runner import RunFolder, StageContext, now_iso, open_client
+from laionface.io import storage
 
 log = logging.getLogger("laionface")
 
 # Stage name -> module with `run(ctx)`. Order is STAGE_ORDER.
 STAGE_MODULES = {
-    "metadata": "laionface.metadata",
-    "download": "laionface.download",
-    "faces": "laionface.faces",
-    "select": "laionface.select",
-    "dedup": "laionface.dedup",
-    "emit": "laionface.emit",
+    "metadata": "laionface.stages.metadata.stage",
+    "download": "laionface.stages.download.stage",
+    "faces": "laionface.stages.faces",
+    "select": "laionface.stages.select",
+    "dedup": "laionface.stages.dedup.stage",
+    "emit": "laionface.stages.emit",
 }
 # What a stage's workers import besides its module: imports the module makes only inside its
 # task functions, so that loading it on the driver stays cheap.

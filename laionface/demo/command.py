@@ -13,16 +13,16 @@ import json
 import logging
 from pathlib import Path
 
-from laionface import storage
+from laionface.audit.report import write_report
 from laionface.config import load_config
-from laionface.corpus import DEMO_HOST, build_corpus
-from laionface.imageserver import ImageServer
-from laionface.pipeline import run_pipeline
-from laionface.report import write_report
+from laionface.demo.corpus import DEMO_HOST, build_corpus
+from laionface.demo.imageserver import ImageServer
+from laionface.engine.pipeline import run_pipeline
+from laionface.io import storage
 
 log = logging.getLogger("laionface")
 
-DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml"
+DEMO_PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "demo.toml"
 
 
 def run_demo(

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from fsspec.implementations.local import LocalFileSystem
 
-from laionface import storage
 from laionface.config import ConfigError
+from laionface.io import storage
 
 LAYOUTS = (
     ".pth/.pt (torch.save'd integer tensor, list/tuple/set of ints or URL strings, or "

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from laionface import retinaface
-from laionface import weights as weights_mod
-from laionface.imagedecode import fit_size
+from laionface.detect import retinaface
+from laionface.detect import weights as weights_mod
+from laionface.io.imagedecode import fit_size
 
 log = logging.getLogger(__name__)
 

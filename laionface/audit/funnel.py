@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laionface import schemas, storage
 from laionface.config import STAGE_ORDER
+from laionface.io import schemas, storage
 
 log = logging.getLogger("laionface")
 
@@ -332,7 +332,7 @@ def _source_counts(url: str) -> dict[str, int]:
 def _metadata(run_url: str) -> StageFigures:
     """Per input file: rows read (metadata/inputs.parquet), rows dropped per reason
     (metadata/drops/*.parquet) and rows in the download shards (metadata/shards/*, source_file)."""
-    from laionface import metadata
+    from laionface.stages.metadata import stage as metadata
 
     figures = StageFigures("metadata", "input file")
     inputs_url = storage.join(run_url, "metadata", "inputs.parquet")
@@ -418,7 +418,7 @@ class _Upstream:
 
 
 def _download(run_url: str, config: dict[str, Any], first: bool) -> tuple[StageFigures, pa.Table]:
-    from laionface import download
+    from laionface.stages.download import stage as download
 
     rows_per_shard = int(config.get("metadata", {}).get("rows_per_shard", 10_000))
     index_digits = len(str(download.samples_per_shard_for(rows_per_shard) - 1))
@@ -497,7 +497,7 @@ def _read_select(url: str) -> pa.Table:
 
 def _select(run_url: str, upstream: _Upstream | None) -> tuple[StageFigures, pa.Table]:
     """Select figures, and the keys select kept with their shard (what dedup must decide)."""
-    from laionface import select
+    from laionface.stages import select
 
     urls = storage.list_files(storage.join(run_url, "select"), ".parquet")
     decisions = pa.concat_tables(parallel_map(_read_select, urls))

@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from laionface import storage
-from laionface.verify import dataset_folder, file_sizes, verify
+from laionface.dataset.verify import dataset_folder, file_sizes, verify
+from laionface.io import storage
 
 log = logging.getLogger("laionface")
 

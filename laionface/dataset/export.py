@@ -26,8 +26,8 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laionface import schemas, storage
-from laionface.verify import dataset_folder
+from laionface.dataset.verify import dataset_folder
+from laionface.io import schemas, storage
 
 FORMATS = ("ids-parquet", "urls", "laion-face-pth", "sample2detect")
 LAION_400M_PARTS = 32

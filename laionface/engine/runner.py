@@ -26,8 +26,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from laionface import storage
 from laionface.config import Config
+from laionface.io import storage
 
 log = logging.getLogger("laionface")
 
@@ -338,7 +338,10 @@ def open_client(
     dashboard = bool(config.cluster.dashboard_address)
     if processes:
         if preload is None:
-            from laionface.pipeline import STAGE_MODULES, worker_preload  # pipeline imports us
+            from laionface.engine.pipeline import (  # pipeline imports us
+                STAGE_MODULES,
+                worker_preload,
+            )
 
             preload = worker_preload(STAGE_MODULES)
         _preload_worker_imports(preload)

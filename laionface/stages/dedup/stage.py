@@ -69,11 +69,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from laionface import hashindex, storage
 from laionface.config import DedupSection, fingerprint
-from laionface.imagedecode import phash_image
-from laionface.runner import ShardTask, StageContext
-from laionface.schemas import (
+from laionface.engine.runner import ShardTask, StageContext
+from laionface.io import storage
+from laionface.io.imagedecode import phash_image
+from laionface.io.schemas import (
     DEDUP,
     DEDUP_BANDS,
     DEDUP_SAMPLES,
@@ -81,6 +81,7 @@ from laionface.schemas import (
     HASH_PAIRS,
     REFERENCE_HASHES,
 )
+from laionface.stages.dedup import hashindex
 
 log = logging.getLogger("laionface")
 

@@ -59,10 +59,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from laionface import fetchguard, storage
 from laionface.config import fingerprint
-from laionface.runner import ShardTask, StageContext, read_markers
-from laionface.schemas import DOWNLOAD_SHARD
+from laionface.engine.runner import ShardTask, StageContext, read_markers
+from laionface.io import storage
+from laionface.io.schemas import DOWNLOAD_SHARD
+from laionface.stages.download import fetchguard
 
 log = logging.getLogger("laionface")
 

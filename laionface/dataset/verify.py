@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from laionface import schemas, storage
-from laionface.emit import (
+from laionface.io import schemas, storage
+from laionface.io.tars import HashingReader, UnsafeTar, iter_members, name_problem
+from laionface.stages.emit import (
     FORMAT,
     FORMAT_VERSION,
     IMAGE_EXTS,
@@ -36,7 +37,6 @@ from laionface.emit import (
     sample_json,
     shard_name,
 )
-from laionface.tarindex import HashingReader, UnsafeTar, iter_members, name_problem
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # One shard's problems are cut to this many lines (a broken shard can have thousands).
@@ -243,7 +243,7 @@ def _readme() -> str:
     return f"""# Published dataset contracts
 
 Generated from `laionface/verify.py` and `laionface/schemas.py` by
-`python -c "from laionface.verify import write_manifest_files; write_manifest_files('manifests')"`;
+`python -c "from laionface.dataset.verify import write_manifest_files; write_manifest_files('manifests')"`;
 `laionface verify PATH` checks a dataset against them.
 
 | file | contract of |

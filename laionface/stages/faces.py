@@ -24,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from laionface import schemas, storage, tarindex
 from laionface.config import FacesSection, fingerprint
-from laionface.detector import FaceDetector, resolve_device, resolve_engine
-from laionface.imagedecode import Decoded, decode_image
-from laionface.runner import ShardTask, StageContext
-from laionface.weights import resolve_weights
+from laionface.detect.detector import FaceDetector, resolve_device, resolve_engine
+from laionface.detect.weights import resolve_weights
+from laionface.engine.runner import ShardTask, StageContext
+from laionface.io import schemas, storage, tars
+from laionface.io.imagedecode import Decoded, decode_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 DECODE_THREADS = 2
@@ -92,7 +92,7 @@ def detector_for(section: FacesSection) -> tuple[FaceDetector, int]:
 def _images(tar_url: str) -> Iterator[tuple[str, bytes]]:
     fs, path = storage.fs_for(tar_url)
     with fs.open(path, "rb") as handle:
-        for member, data in tarindex.iter_members(
+        for member, data in tars.iter_members(
             handle, source=tar_url, wanted=lambda m: m.ext in IMAGE_EXTENSIONS
         ):
             if data is not None:

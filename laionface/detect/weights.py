@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from laionface import storage
+from laionface.io import storage
 
 ENV_WEIGHTS_DIR = "LAIONFACE_WEIGHTS_DIR"
 _CHUNK = 1 << 20

@@ -36,9 +36,10 @@ import pyarrow.compute as pc
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from laionface import audit, storage, tarindex
+from laionface.audit import funnel as audit
 from laionface.config import Config
-from laionface.imagedecode import decode_image
+from laionface.io import storage, tars
+from laionface.io.imagedecode import decode_image
 
 SECTIONS = (
     ("funnel", "Funnel"),
@@ -402,17 +403,17 @@ def _tar_members(url: str, keys: set[str]) -> tuple[dict[str, bytes], str]:
     if not keys or not fs.exists(path):
         return found, f"no {posixpath.basename(url)}"
 
-    def wanted(member: tarindex.Member) -> bool:
+    def wanted(member: tars.Member) -> bool:
         return member.key in keys and member.key not in found and member.ext in IMAGE_EXTENSIONS
 
     try:
         with fs.open(path, "rb") as handle:
-            for member, data in tarindex.iter_members(handle, source=url, wanted=wanted):
+            for member, data in tars.iter_members(handle, source=url, wanted=wanted):
                 if data is not None:
                     found[member.key] = data
                     if len(found) == len(keys):
                         break
-    except tarindex.UnsafeTar as exc:
+    except tars.UnsafeTar as exc:
         return found, str(exc)
     return found, ""
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from laionface import schemas, storage
 from laionface.config import SelectSection, fingerprint
-from laionface.runner import ShardTask, StageContext
+from laionface.engine.runner import ShardTask, StageContext
+from laionface.io import schemas, storage
 
 REASONS = (
     "decode_error",

@@ -1,0 +1,1 @@
+"""The published dataset: its contract, and verify, publish and export."""

@@ -1,0 +1,1 @@
+"""The demo: a generated corpus, the loopback image server that serves it, and `laionface demo`."""

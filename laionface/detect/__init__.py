@@ -1,0 +1,1 @@
+"""Face detection: RetinaFace, its weights, and the batched detector the faces stage runs."""

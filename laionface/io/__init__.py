@@ -1,0 +1,1 @@
+"""Reading and writing: storage on any fsspec URL, tars, parquet schemas, image decoding."""

@@ -1,0 +1,1 @@
+"""The dedup stage and its helpers (the multi-index hash search)."""

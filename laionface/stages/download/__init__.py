@@ -1,0 +1,1 @@
+"""The download stage and its helpers (the fetch guard)."""

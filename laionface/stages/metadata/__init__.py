@@ -1,0 +1,1 @@
+"""The metadata stage and its helpers (ID and URL lists)."""
