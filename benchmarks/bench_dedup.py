@@ -7,7 +7,7 @@ Data: uniformly random 64-bit hashes with planted near-duplicate pairs at every 
 max_distance + 2, and chains A-B-C whose steps are within max_distance but whose ends are not.
 Each method runs in its own process, so its peak memory (peak RSS, input included) is its own:
 
-- laionface memory path: collapse equal hashes, multi-index search (`laionface.hashindex`), then
+- laionface memory path: collapse equal hashes, multi-index search (`laionface.stages.dedup.hashindex`), then
   the stage's `dedup.decide` (clusters, keepers, reasons) on one sample per hash;
 - laionface dask path: the stage's band (map) and pair (reduce) steps on a LocalCluster, hashes
   in 100 shard files; its pairs are checked against the memory path's count and the truth;
@@ -111,7 +111,8 @@ def method_memory(args) -> dict:
     from laionface.config import DedupSection
     from laionface.io.schemas import DEDUP_SAMPLES, REFERENCE_HASHES
     from laionface.stages.dedup import hashindex
-    from laionface.stages.dedup import stage as dedup
+    from laionface.stages.dedup.decide import decide
+    from laionface.stages.dedup.search import search_memory
 
     hashes, planted, chains = make_data(args.n, args.max_distance, args.seed)
     rng = np.random.default_rng(1)
@@ -131,9 +132,9 @@ def method_memory(args) -> dict:
     values = hashindex.distinct(hashes)
     t_distinct = time.perf_counter() - started
     plan = hashindex.plan_search(values.size, args.max_distance)
-    pairs = dedup.search_memory(values, args.max_distance, threads=args.threads)
+    pairs = search_memory(values, args.max_distance, threads=args.threads)
     t_search = time.perf_counter() - started - t_distinct
-    decisions = dedup.decide(
+    decisions = decide(
         samples, REFERENCE_HASHES.empty_table(), pairs, DedupSection(max_distance=args.max_distance)
     )
     seconds = time.perf_counter() - started
@@ -175,9 +176,10 @@ def method_dask(args) -> dict:
     from distributed import Client, LocalCluster
 
     from laionface.config import Config
-    from laionface.engine.runner import RunFolder, StageContext
+    from laionface.engine.runfolder import RunFolder
+    from laionface.engine.runner import StageContext
     from laionface.io import storage
-    from laionface.stages.dedup import stage as dedup
+    from laionface.stages.dedup.search import read_pairs, search_dask
 
     hashes, planted, _ = make_data(args.dask_n, args.max_distance, args.seed)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -194,7 +196,7 @@ def method_dask(args) -> dict:
         ):
             ctx = StageContext(Config(), RunFolder(run_dir), client, progress=False)
             started = time.perf_counter()
-            pairs = dedup.search_dask(ctx, files, hashes.size, args.max_distance)
+            pairs = read_pairs(search_dask(ctx, files, hashes.size, args.max_distance))
             seconds = time.perf_counter() - started
             worker_peak = client.run(peak_mb)
     return {

@@ -29,7 +29,9 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,36 @@ import pyarrow as pa
 from PIL import Image
 
 from laionface.config import Config
-from laionface.demo.imageserver import ImageServer, fetch_rate
-from laionface.engine.pipeline import worker_preload
-from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.demo.imageserver import ImageServer
+from laionface.engine.cluster import open_client
+from laionface.engine.pipeline import run_stage, stage_of, worker_preload
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import StageContext
 from laionface.io import storage
 from laionface.io.schemas import DOWNLOAD_SHARD
-from laionface.stages.download import stage as download
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
 EXTRA_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]
+
+
+def fetch_rate(urls: list[str], threads: int = 16) -> dict[str, float]:
+    """Fetch every URL with `threads` urllib clients, one connection per request (like
+    img2dataset's urllib downloads); requests/s and MB/s."""
+
+    def fetch(url: str) -> int:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return len(response.read())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total_bytes = sum(pool.map(fetch, urls))
+    seconds = time.perf_counter() - start
+    return {
+        "requests": float(len(urls)),
+        "seconds": seconds,
+        "requests_per_s": len(urls) / seconds,
+        "mb_per_s": total_bytes / seconds / 1e6,
+    }
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -173,7 +196,7 @@ def run_laionface(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple
     run = RunFolder(str(out))
     run.start(config)
     with open_client(config, run.url, preload=worker_preload(["download"])) as client:
-        download.run(StageContext(config, run, client, progress=False))
+        run_stage(StageContext(config, run, client, progress=False, stage=stage_of("download")))
     seconds = time.perf_counter() - started
     outcomes = run.state["stages"]["download"]["outcomes"]
     if outcomes["successes"] != table.num_rows:

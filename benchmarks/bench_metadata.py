@@ -142,8 +142,8 @@ def generate(folder: Path, rows: int, row_group: int, seed: int = 0) -> dict[str
 
 def run_laionface(paths: dict[str, str], out: str, workers: int, defaults: bool) -> dict:
     from laionface.config import parse_config
+    from laionface.engine.cluster import open_client
     from laionface.engine.pipeline import run_pipeline, worker_preload
-    from laionface.engine.runner import open_client
 
     metadata = {
         "input": [paths["data"]],

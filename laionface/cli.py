@@ -39,17 +39,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="laionface",
-        description="Build, audit and publish face image-text datasets like LAION-FACE.",
-        epilog="example:\n  laionface demo\n  laionface run pipelines/demo.toml --run-dir runs/x",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"laionface {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run(commands) -> None:
     run = commands.add_parser(
         "run",
         help="run a pipeline's stages",
@@ -60,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline config, e.g. pipelines/demo.toml")
     _add_run_args(run)
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="build the demo corpus, serve it on 127.0.0.1 and run the whole pipeline on it",
@@ -78,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scheduler", default="", help="address of an existing Dask scheduler")
     demo.add_argument("--workers", type=int, help="LocalCluster workers")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_audit_commands(commands) -> None:
     stats = commands.add_parser(
         "stats",
         help="print a run's funnel: where every input row went",
@@ -87,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stats.add_argument("run", help="run folder (any fsspec URL)")
-
     report = commands.add_parser(
         "report",
         help="write a run's self-contained HTML report",
@@ -99,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run folder (any fsspec URL)")
     report.add_argument("--out", help="output file (default: RUN/audit/report.html)")
 
+
+def _add_verify_publish(commands) -> None:
     verify = commands.add_parser(
         "verify",
         help="check a dataset: checksums, tar/parquet agreement, keys, indexes, images",
@@ -112,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-images", action="store_true", help="skip decoding every image")
     verify.add_argument("--source-root", help="manifest mode: where raw/ lives (default: recorded)")
     verify.add_argument("--workers", type=int, help="parallel shard checks")
-
     publish = commands.add_parser(
         "publish",
         help="copy a run's dataset to a target, verify the copy, write dataset.json last",
@@ -128,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--replace", action="store_true", help="replace another dataset there")
     publish.add_argument("--workers", type=int, default=4, help="parallel copies (default: 4)")
 
+
+def _add_export_reference(commands) -> None:
     export = commands.add_parser(
         "export",
         help="export SAMPLE_ID lists, URL lists or detections in LAION-Face's formats",
@@ -146,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to export",
     )
     export.add_argument("out", help="output folder (any fsspec URL)")
-
     reference = commands.add_parser(
         "reference",
         help="build a reference hash file (evaluation sets to keep out of the dataset)",
@@ -158,11 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reference.add_argument("inputs", nargs="+", help="folders, tars, images or hash parquet files")
     reference.add_argument("--out", required=True, help="output parquet (any fsspec URL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laionface",
+        description="Build, audit and publish face image-text datasets like LAION-FACE.",
+        epilog="example:\n  laionface demo\n  laionface run pipelines/demo.toml --run-dir runs/x",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"laionface {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_demo, _add_audit_commands, _add_verify_publish):
+        add(commands)
+    _add_export_reference(commands)
     return parser
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from laionface.audit.funnel import stats_command
+    from laionface.audit.stats import stats_command
 
     return stats_command(args.run)
 
@@ -174,7 +185,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from laionface.dataset.verify import dataset_folder, verify
+    from laionface.dataset.contract import dataset_folder
+    from laionface.dataset.verify import verify
 
     problems = verify(
         dataset_folder(args.path),
@@ -206,7 +218,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from laionface.stages.dedup.stage import build_reference
+    from laionface.stages.dedup.reference import build_reference
 
     rows = build_reference(args.inputs, args.out)
     print(f"{args.out}: {rows} reference hashes")
@@ -217,6 +229,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from laionface.engine.pipeline import run_pipeline
 
     config = load_config(args.pipeline, args.overrides)
+    if not args.verbose:
+        logging.getLogger("laionface").setLevel(config.run.log_level)
     run = run_pipeline(
         config,
         run_dir=args.run_dir,

@@ -7,7 +7,6 @@ applied to the raw TOML before validation, so they are checked exactly like the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -212,6 +211,11 @@ class DedupSection(Section):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @property
+    def enabled(self) -> bool:
+        """False when every dedup setting is off: emit then publishes select's output."""
+        return self.exact or self.near or bool(self.reference)
+
 
 class EmitSection(Section):
     samples_per_shard: PositiveInt = 10_000
@@ -231,35 +235,6 @@ class Config(Section):
     def resolved(self) -> dict[str, Any]:
         """The config as plain JSON-able data (inf becomes the string "Infinity")."""
         return json.loads(self.model_dump_json())
-
-
-# Keys that change how fast a stage runs or where it connects, never what it produces, so they
-# are left out of the fingerprints that decide whether a finished shard is still valid.
-_NOT_AFFECTING_OUTPUT = {
-    "download": {"thread_count", "resolve", "failure_rate_warning", "shard_deadline"},
-    "faces": {"batch_size", "device", "engine", "weights", "resources"},
-    "dedup": {"backend"},
-}
-
-STAGE_ORDER = ("metadata", "download", "faces", "select", "dedup", "emit")
-
-
-def fingerprint(config: Config, stage: str) -> str:
-    """Hash of every setting that shapes `stage`'s output: its own section and all earlier ones.
-
-    A shard finished under another fingerprint is redone, so `--stages select` with new
-    thresholds redoes select, dedup and emit but never the detections.
-    """
-    data = config.resolved()
-    upto = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1]
-    relevant = {}
-    for name in upto:
-        section = dict(data[name])
-        for key in _NOT_AFFECTING_OUTPUT.get(name, ()):
-            section.pop(key, None)
-        relevant[name] = section
-    blob = json.dumps(relevant, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

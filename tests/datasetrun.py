@@ -23,8 +23,12 @@ import imagehash
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from laionface.audit.funnel import funnel
 from laionface.config import Config, SelectSection
-from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.engine.cluster import open_client
+from laionface.engine.pipeline import run_stage, stage_of
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import StageContext
 from laionface.io import schemas, storage
 from laionface.io.tars import iter_members
 from laionface.stages.select import select_shard
@@ -246,13 +250,16 @@ def emit_config(mode: str = "copy") -> Config:
 
 
 def run_emit(run: Path, config: Config) -> None:
-    """The real emit stage on a LocalCluster, as the pipeline calls it."""
-    from laionface.stages import emit
-
+    """The real emit stage on a LocalCluster, as the pipeline calls it. Its funnel is recorded
+    unchecked: this run folder has no metadata counts or download markers (the pipeline's
+    audit, which would refuse them, is tested in test_audit)."""
+    stage = stage_of("emit")
     folder = RunFolder(str(run))
     folder.start(config)
     with open_client(config, str(run)) as client:
-        emit.run(StageContext(config, folder, client, progress=False))
+        ctx = StageContext(config, folder, client, progress=False, stage=stage)
+        run_stage(ctx)
+        stage.finish(ctx, funnel(str(run)).as_dict())
 
 
 def build_run(folder: Path, faces_dir: Path) -> BuiltRun:

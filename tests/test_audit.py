@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from laionface.audit import funnel as audit
-from laionface.config import Config, fingerprint
-from laionface.engine.pipeline import STAGE_MODULES
-from laionface.engine.runner import RunFolder, StageContext
+from laionface.audit import stats
+from laionface.config import Config
+from laionface.engine.pipeline import run_stages, stage_of
+from laionface.engine.runfolder import RunFolder
 from laionface.io import schemas, storage
 from laionface.io.imagedecode import decode_image
 from laionface.stages.select import select_shard
@@ -216,7 +217,7 @@ def build_run(root: Path, faces_dir: Path) -> str:
     run = str(root / "run")
     folder = RunFolder(run)
     folder.start(config)
-    download_fp = fingerprint(config, "download")
+    download_fp = stage_of("download").fingerprint(config)
     folder.stage("download")["fingerprint"] = download_fp
     folder.save()
 
@@ -339,7 +340,7 @@ def build_run(root: Path, faces_dir: Path) -> str:
         _write_raw(run, shard, rows, images)
         step = "download/retry" if shard == retry_shard else "download"
         storage.write_json(
-            f"{run}/{step}/_done/{shard}.json", {"fingerprint": download_fp, "stats": {}}
+            f"{run}/{step}/_done/{shard}.json", {"settings": download_fp, "stats": {}}
         )
 
     # faces (the real detector) and select (the real select stage).
@@ -382,14 +383,10 @@ def build_run(root: Path, faces_dir: Path) -> str:
 
 
 def _run_stages(config: Config, folder: RunFolder, names: list[str]) -> None:
-    import importlib
-
     from distributed import Client
 
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
-        ctx = StageContext(config, folder, c, progress=False)
-        for name in names:
-            importlib.import_module(STAGE_MODULES[name]).run(ctx)
+        run_stages(config, folder, c, names, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -495,7 +492,7 @@ def parse_stats(text: str) -> list[tuple[str, str, str | None, int, float, float
 
 
 def test_stats_matches_counts_from_the_files(audit_run, capsys):
-    assert audit.stats_command(audit_run) == 0
+    assert stats.stats_command(audit_run) == 0
     printed = capsys.readouterr().out
     assert "conservation: ok" in printed
     rows = parse_stats(printed)
@@ -533,7 +530,7 @@ def test_write_audit_keeps_the_figures_as_parquet(audit_run, capsys):
     result = audit.write_audit(audit_run)
     funnel_table = storage.read_parquet(f"{audit_run}/audit/funnel.parquet")
     assert funnel_table.schema.equals(schemas.AUDIT_FUNNEL)
-    assert audit.stats_command(audit_run) == 0
+    assert stats.stats_command(audit_run) == 0
     printed = parse_stats(capsys.readouterr().out)
     stored = [(r["stage"], r["outcome"], r["reason"], r["count"]) for r in funnel_table.to_pylist()]
     assert stored == [r[:4] for r in printed]
@@ -576,7 +573,7 @@ def test_a_row_missing_from_a_select_shard_is_named(run_copy, capsys):
     url = f"{run_copy}/select/00001.parquet"
     table = storage.read_parquet(url)
     storage.write_parquet(table.slice(1), url)
-    assert audit.stats_command(run_copy) == 1
+    assert stats.stats_command(run_copy) == 1
     error = capsys.readouterr().err
     assert "select: raw shards 00001 don't add up" in error
     assert "select/00001.parquet" in error
@@ -658,7 +655,7 @@ def test_a_partial_run_covers_the_stages_present(run_copy, capsys):
     assert [s.stage for s in result.stages] == ["metadata", "download", "faces", "select"]
     drops = sum(s.dropped_total for s in result.stages)
     assert result.input_rows == drops + result.stage("select").kept
-    assert audit.stats_command(run_copy) == 0
+    assert stats.stats_command(run_copy) == 0
     assert "stages without output: dedup, emit" in capsys.readouterr().out
 
 
@@ -674,12 +671,12 @@ def test_with_dedup_turned_off_emit_is_checked_against_select(run_copy, capsys):
     assert emit and "samples kept from raw shard" in emit[-1].message
     select_kept = result.stage("select").kept
     assert result.stage("emit").input == select_kept
-    assert audit.stats_command(run_copy) == 1
+    assert stats.stats_command(run_copy) == 1
     assert "stages turned off in the config: dedup" in capsys.readouterr().out
 
 
 def test_funnel_summary_is_plain_data(audit_run):
-    summary = audit.funnel_summary(audit_run, upto="dedup")
+    summary = audit.funnel(audit_run, upto="dedup").as_dict()
     assert json.loads(json.dumps(summary)) == summary
     assert [s["stage"] for s in summary["stages"]][-1] == "dedup"
     assert summary["conservation"] == "ok"
@@ -687,5 +684,5 @@ def test_funnel_summary_is_plain_data(audit_run):
 
 
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
-    assert audit.stats_command(str(tmp_path / "nothing")) == 1
+    assert stats.stats_command(str(tmp_path / "nothing")) == 1
     assert "not a laionface run folder" in capsys.readouterr().err

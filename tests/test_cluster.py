@@ -92,6 +92,8 @@ def dataset_snapshot(run_dir: Path) -> dict[str, bytes]:
     meta = json.loads(files.pop("dataset.json"))
     for volatile in ("created", "run", "run_url", "versions"):
         meta.pop(volatile, None)
+    for stage in meta.get("stages", {}).values():
+        stage.pop("finished", None)
     files["dataset.json"] = json.dumps(meta, sort_keys=True).encode()
     assert any(name.endswith(".tar") for name in files)
     return files

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from laionface.config import Config, ConfigError, fingerprint, load_config
+from laionface.config import Config, ConfigError, load_config
+from laionface.engine.pipeline import stage_of
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -105,16 +106,21 @@ def test_missing_file_and_bad_toml(tmp_path):
         load_config(_write(tmp_path, "[faces\n"))
 
 
-def test_fingerprint_follows_stage_order():
+def test_a_stage_fingerprints_the_settings_it_declares_and_no_other():
+    faces, select, emit = (stage_of(name) for name in ("faces", "select", "emit"))
     base = Config()
     changed_select = Config()
     changed_select.select.min_score = 0.5
-    assert fingerprint(base, "faces") == fingerprint(changed_select, "faces")
-    assert fingerprint(base, "select") != fingerprint(changed_select, "select")
-    assert fingerprint(base, "emit") != fingerprint(changed_select, "emit")
+    assert faces.fingerprint(base) == faces.fingerprint(changed_select)
+    assert select.fingerprint(base) != select.fingerprint(changed_select)
+    # emit publishes the detections scoring at least select.min_score.
+    assert emit.fingerprint(base) != emit.fingerprint(changed_select)
+    changed_size = Config()
+    changed_size.select.min_face_size = 10
+    assert emit.fingerprint(base) == emit.fingerprint(changed_size)
     faster = Config()
     faster.faces.batch_size = 128
-    assert fingerprint(base, "faces") == fingerprint(faster, "faces")
+    assert faces.fingerprint(base) == faces.fingerprint(faster)
 
 
 def test_resolved_config_validates_again():

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 from laionface.config import Config
-from laionface.engine.pipeline import run_pipeline
-from laionface.engine.runner import RunFolder, StageContext
-from laionface.io.schemas import DATASET_SHARD, DEDUP, DROP_COUNTS, FACES, REFERENCE_HASHES, SELECT
-from laionface.stages.dedup import hashindex
-from laionface.stages.dedup import stage as dedup
+from laionface.dataset.contract import DATASET_SHARD
+from laionface.engine.pipeline import run_pipeline, stage_of
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import StageContext, StageFailed
+from laionface.io.schemas import DEDUP, DROP_COUNTS, FACES, REFERENCE_HASHES, SELECT
+from laionface.stages.dedup import hashindex, reference
 
 # --------------------------------------------------------------------------------------------
 # Helpers: a run folder with faces/ and select/ shards, as the earlier stages write them
@@ -108,9 +109,14 @@ def client():
         yield cl
 
 
+DEDUP_STAGE = stage_of("dedup")
+
+
 def run_dedup(run_dir: Path, client, **dedup_settings) -> pa.Table:
-    ctx = StageContext(config(**dedup_settings), RunFolder(str(run_dir)), client, progress=False)
-    dedup.run(ctx)
+    ctx = StageContext(
+        config(**dedup_settings), RunFolder(str(run_dir)), client, progress=False, stage=DEDUP_STAGE
+    )
+    DEDUP_STAGE.run(ctx)
     return pq.read_table(run_dir / "dedup" / "decisions.parquet")
 
 
@@ -306,7 +312,8 @@ def test_exact_and_near_duplicates_are_told_apart(tmp_path, client):
 
 def test_bad_inputs_name_the_file(tmp_path, client):
     run = write_run(tmp_path, {"00000": [sample("a", A)], "00001": [sample("a", flip(A, 1))]})
-    with pytest.raises(ValueError, match=r"key 'a' appears in .*00000.* and .*00001"):
+    # The decisions task reads every shard's samples: its error names both files.
+    with pytest.raises(StageFailed, match=r"key 'a' appears in .*00000.* and .*00001"):
         run_dedup(run, client)
     (tmp_path / "faces" / "00001.parquet").unlink()
     with pytest.raises(FileNotFoundError, match=r"faces/00001.parquet is missing"):
@@ -500,7 +507,7 @@ def test_reference_guard_catches_reencoded_copies_of_corpus_images(corpus, tmp_p
 
     # The same reference, precomputed with build_reference.
     ref_file = tmp_path / "eval.parquet"
-    count = dedup.build_reference([str(refs), str(tar_path)], str(ref_file))
+    count = reference.build_reference([str(refs), str(tar_path)], str(ref_file))
     table = pq.read_table(ref_file)
     assert count == table.num_rows == 5 and table.schema.equals(REFERENCE_HASHES)
     rows = by_key(run_dedup(run, client, reference=str(ref_file)))

@@ -25,11 +25,17 @@ from PIL import Image
 
 from laionface.config import Config
 from laionface.demo.corpus import DEMO_HOST, build_corpus
-from laionface.demo.imageserver import PRIVATE_REDIRECT_TARGET, ImageServer
-from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.demo.imageserver import PRIVATE_REDIRECT_TARGET
+from laionface.engine.cluster import open_client
+from laionface.engine.pipeline import run_stage, stage_of
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import StageContext
 from laionface.io import storage
 from laionface.io.schemas import DOWNLOAD_SHARD
-from laionface.stages.download import stage as download
+from laionface.layout import DOWNLOAD_CATEGORIES
+from laionface.stages.download.outcomes import latest_outcomes
+from laionface.stages.download.shard import ShardDeadlineExceeded, download_shard
+from tests.imageservers import CountingImageServer
 
 SLOW_SECONDS = 3.0
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +64,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(corpus):
-    with ImageServer(corpus.root, slow_seconds=SLOW_SECONDS) as running:
+    with CountingImageServer(corpus.root, slow_seconds=SLOW_SECONDS) as running:
         yield running
 
 
@@ -118,7 +124,9 @@ def _start_run(url: str, config: Config, rows: pa.Table, client, options=None) -
         storage.write_parquet(rows.slice(start, size), shard)
     run = RunFolder(url)
     run.start(config)
-    return StageContext(config, run, client, progress=False, options=dict(options or {}))
+    return StageContext(
+        config, run, client, progress=False, options=dict(options or {}), stage=stage_of("download")
+    )
 
 
 def _raw(url: str) -> pa.Table:
@@ -141,7 +149,7 @@ def test_demo_corpus_every_case_gets_its_category(corpus, server, client, tmp_pa
     rows = rows.append_column("source_row", pa.array(range(metadata.num_rows), pa.int64()))
     ctx = _start_run(str(tmp_path / "run"), config, rows.cast(DOWNLOAD_SHARD), client)
 
-    download.run(ctx)
+    run_stage(ctx)
 
     raw = _raw(ctx.run.url)
     truth = {r["SAMPLE_ID"]: r for r in corpus.read_truth().to_pylist()}
@@ -153,7 +161,7 @@ def test_demo_corpus_every_case_gets_its_category(corpus, server, client, tmp_pa
         if row["error_category"] != EXPECTED_CATEGORY[case]:
             wrong.append((case, row["url"], row["error_category"], row["error_message"]))
     assert not wrong, wrong
-    assert set(raw["error_category"].to_pylist()) - {None} <= set(download.CATEGORIES)
+    assert set(raw["error_category"].to_pylist()) - {None} <= set(DOWNLOAD_CATEGORIES)
     # Successes are the served bytes, whole.
     for row in raw.to_pylist():
         if row["status"] == "success":
@@ -185,7 +193,7 @@ def test_opt_out_headers_are_honoured_and_can_be_switched_off(corpus, server, ok
         config = _config(**settings, disallowed_header_directives=directives)
         url = str(tmp_path / f"run-{len(directives)}-{category}")
         _start_run(url, config, _rows(urls), client=None)
-        download.download_shard(
+        download_shard(
             in_url=storage.join(url, "metadata", "shards", "00000.parquet"),
             raw_url=storage.join(url, "raw"),
             shard_id=0,
@@ -198,7 +206,7 @@ def test_opt_out_headers_are_honoured_and_can_be_switched_off(corpus, server, ok
 def _download_rows(url: str, config: Config, urls: list[str]) -> list[dict]:
     """Run one shard directly (no cluster) and return its raw rows in input order."""
     _start_run(url, config, _rows(urls), client=None)
-    stats = download.download_shard(
+    stats = download_shard(
         in_url=storage.join(url, "metadata", "shards", "00000.parquet"),
         raw_url=storage.join(url, "raw"),
         shard_id=0,
@@ -369,8 +377,8 @@ def test_shard_past_its_deadline_fails_and_leaves_nothing(server, ok_files, tmp_
     urls = [f"http://{DEMO_HOST}/slow/{name}" for name in ok_files[:4]]
     url = str(tmp_path / "run")
     _start_run(url, config, _rows(urls), client=None)
-    with pytest.raises(download.ShardDeadlineExceeded, match="00000 not finished after 1 s"):
-        download.download_shard(
+    with pytest.raises(ShardDeadlineExceeded, match="00000 not finished after 1 s"):
+        download_shard(
             in_url=storage.join(url, "metadata", "shards", "00000.parquet"),
             raw_url=storage.join(url, "raw"),
             shard_id=0,
@@ -403,15 +411,20 @@ def test_killed_shard_is_never_visible_and_resumes(server, client, ok_files, tmp
         settings=config.download.model_dump(),
         samples_per_shard=10_000,
     )
-    code = "import json, sys; from laionface.stages.download import stage as download; download.download_shard(**json.loads(sys.argv[1]))"
+    code = (
+        "import json, sys; from laionface.stages.download.shard import download_shard;"
+        " download_shard(**json.loads(sys.argv[1]))"
+    )
     process = subprocess.Popen(
         [sys.executable, "-c", code, json.dumps(kwargs)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
     def partial_tar() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the shard process ended early: {process.stderr.read().decode()[-2000:]}")
         tars = list(raw.glob(".tmp-00000-*/00000.tar")) if raw.exists() else []
         return bool(tars) and tars[0].stat().st_size > 0
 
@@ -423,7 +436,7 @@ def test_killed_shard_is_never_visible_and_resumes(server, client, ok_files, tmp
     assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".tmp-")) == []
     assert not storage.exists(ctx.path("download", "_done", "00000.json"))
 
-    download.run(ctx)
+    run_stage(ctx)
     assert sorted(p.name for p in raw.iterdir()) == [
         "00000.parquet",
         "00000.tar",
@@ -433,7 +446,7 @@ def test_killed_shard_is_never_visible_and_resumes(server, client, ok_files, tmp
 
     # A complete shard is skipped: no request reaches the server again.
     before = server.requests
-    download.run(ctx)
+    run_stage(ctx)
     assert server.requests == before
 
 
@@ -452,14 +465,14 @@ def test_retry_failed_recovers_transient_failures_and_counts_rows_once(
     )
     url = str(tmp_path / "run")
     ctx = _start_run(url, config, _rows(urls), client)
-    download.run(ctx)
-    first = download.latest_outcomes(url)
+    run_stage(ctx)
+    first = latest_outcomes(url)
     assert first["error_category"].to_pylist() == [None] * 6 + ["http_5xx"] * 3 + ["http_404"]
     assert "download shard 00001: 80% of rows failed" in caplog.text
 
     ctx.options["retry_failed"] = True
-    download.run(ctx)
-    second = download.latest_outcomes(url)
+    run_stage(ctx)
+    second = latest_outcomes(url)
     # One row per input row, under its latest outcome: the flaky rows recovered in shard 00002.
     assert second["input_key"].to_pylist() == first["input_key"].to_pylist()
     assert second["error_category"].to_pylist() == [None] * 8 + ["http_5xx", "http_404"]
@@ -480,13 +493,13 @@ def test_retry_failed_recovers_transient_failures_and_counts_rows_once(
     }
 
     # Another round retries only what is still transient; a plain re-run fetches nothing.
-    download.run(ctx)
-    third = download.latest_outcomes(url)
+    run_stage(ctx)
+    third = latest_outcomes(url)
     assert third["attempts"].to_pylist() == [1] * 6 + [2, 2, 3, 1]
     assert third.num_rows == 10
     ctx.options["retry_failed"] = False
     before = server.requests
-    download.run(ctx)
+    run_stage(ctx)
     assert server.requests == before
     assert server.request_count(f"/flaky/1/{ok_files[6]}") == 2
 
@@ -501,15 +514,15 @@ def test_process_workers_and_a_remote_run_folder(server, client, ok_files, tmp_p
     url = str(tmp_path / "run")
     with open_client(config, url) as processes:
         ctx = _start_run(url, config, _rows(urls), processes)
-        download.run(ctx)
-    assert download.latest_outcomes(url)["status"].to_pylist() == ["success"] * 12
+        run_stage(ctx)
+    assert latest_outcomes(url)["status"].to_pylist() == ["success"] * 12
 
     # memory:// stands for an object store: the shard is staged locally, then uploaded.
     remote = f"memory://download-test-{os.getpid()}"
     try:
         ctx = _start_run(remote, config, _rows(urls), client)
-        download.run(ctx)
-        assert download.latest_outcomes(remote)["status"].to_pylist() == ["success"] * 12
+        run_stage(ctx)
+        assert latest_outcomes(remote)["status"].to_pylist() == ["success"] * 12
         listed = fsspec.filesystem("memory").ls(remote + "/raw", detail=False)
         names = sorted(p.rsplit("/", 1)[1] for p in listed)
         assert names == [
@@ -527,7 +540,7 @@ def test_bad_shard_input_is_named(tmp_path):
     bad = _rows(["http://example.com/a.jpg"]).drop_columns(["TEXT"])
     storage.write_parquet(bad, storage.join(url, "metadata", "shards", "00000.parquet"))
     with pytest.raises(ValueError, match=r"00000\.parquet: missing column\(s\) TEXT"):
-        download.download_shard(
+        download_shard(
             in_url=storage.join(url, "metadata", "shards", "00000.parquet"),
             raw_url=storage.join(url, "raw"),
             shard_id=0,
@@ -536,7 +549,7 @@ def test_bad_shard_input_is_named(tmp_path):
         )
     settings = _config(save_additional_columns=["SAMPLE_ID", "url"]).download.model_dump()
     with pytest.raises(ValueError, match="save_additional_columns.*url"):
-        download.download_shard(
+        download_shard(
             in_url=storage.join(url, "metadata", "shards", "00000.parquet"),
             raw_url=storage.join(url, "raw"),
             shard_id=0,

@@ -14,10 +14,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from laionface.dataset.verify import manifest_files, verify
-from laionface.io import schemas, storage
+from laionface.dataset import contract
+from laionface.dataset.manifests import manifest_files
+from laionface.dataset.verify import verify
+from laionface.io import storage
 from laionface.io.tars import iter_members
-from laionface.stages.emit import EmitError, plan_samples
+from laionface.stages.emit.shard import EmitError
+from laionface.stages.emit.stage import plan_samples
 from tests import datasetrun
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -89,9 +92,10 @@ def test_what_emit_writes_matches_manifests(built):
     meta = json.loads((dataset / "dataset.json").read_text())
     jsonschema.validate(meta, dataset_schema)
     assert meta["counts"] == {"samples": 19, "shards": 5}
-    assert meta["funnel"]["published"] == 19
-    assert meta["funnel"]["select"]["dropped"] == {"image_too_small": 1, "no_face": 1}
-    assert meta["funnel"]["dedup"]["dropped"] == {"exact_duplicate": 1}
+    funnel = {stage["stage"]: stage for stage in meta["funnel"]["stages"]}
+    assert funnel["emit"]["kept"] == 19
+    assert funnel["select"]["dropped"] == {"image_too_small": 1, "no_face": 1}
+    assert funnel["dedup"]["dropped"] == {"exact_duplicate": 1}
     for name, entry in meta["files"].items():
         data = (dataset / name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"])
@@ -102,12 +106,12 @@ def test_what_emit_writes_matches_manifests(built):
     # manifests/*.arrow.json are generated from these schemas (test below); parquet may name a
     # list's item field "element", which Schema.equals rightly ignores.
     manifest = storage.read_parquet(str(dataset / "manifest.parquet"))
-    assert manifest.schema.equals(schemas.MANIFEST)
+    assert manifest.schema.equals(contract.MANIFEST)
     assert manifest.schema.names == contract_names("manifest.arrow.json")
     rows = {}
     for shard in SHARDS:
         table = storage.read_parquet(str(dataset / f"{shard}.parquet"))
-        assert table.schema.equals(schemas.DATASET_SHARD)
+        assert table.schema.equals(contract.DATASET_SHARD)
         assert table.schema.names == contract_names("dataset_shard.arrow.json")
         rows.update({r["key"]: r for r in table.to_pylist()})
         for key, members in tar_samples(dataset / f"{shard}.tar"):
@@ -127,8 +131,7 @@ def test_what_emit_writes_matches_manifests(built):
 def test_manifests_folder_is_generated_from_the_code():
     on_disk = {p.name: p.read_text() for p in MANIFESTS.iterdir()}
     assert on_disk == manifest_files(), (
-        'manifests/ is stale: regenerate it with python -c "from laionface.dataset.verify import '
-        "write_manifest_files; write_manifest_files('manifests')\""
+        "manifests/ is stale: regenerate it with python -m laionface.dataset.manifests manifests"
     )
 
 
@@ -141,7 +144,7 @@ def test_webdataset_reads_every_sample(built):
     for sample in samples:
         assert isinstance(sample["jpg"], Image.Image)
         assert sample["jpg"].size == (sample["json"]["width"], sample["json"]["height"])
-        assert set(sample["json"]) == set(schemas.DATASET_SHARD.names)
+        assert set(sample["json"]) == set(contract.DATASET_SHARD.names)
         assert sample["txt"] == sample["json"]["caption"]
 
 
@@ -296,8 +299,7 @@ def test_emit_needs_current_dedup_decisions(built, tmp_path):
     with pytest.raises(EmitError, match="run the dedup stage first"):
         plan_samples(str(run), dedup_required=True)
     # With dedup disabled, select's output is published: the duplicate comes back.
-    ordered, funnel = plan_samples(str(run), dedup_required=False)
-    assert len(ordered) == 20 and funnel["dedup"] == {"disabled": True}
+    assert len(plan_samples(str(run), dedup_required=False)) == 20
 
 
 def test_emit_refuses_a_raw_shard_without_select_output(built, tmp_path):
@@ -308,7 +310,7 @@ def test_emit_refuses_a_raw_shard_without_select_output(built, tmp_path):
 
 
 def test_plan_table_is_sorted_by_raw_shard_then_key(built):
-    ordered, _ = plan_samples(str(built.run), dedup_required=True)
+    ordered = plan_samples(str(built.run), dedup_required=True)
     pairs = list(zip(ordered["raw_shard"].to_pylist(), ordered["key"].to_pylist(), strict=True))
     assert pairs == sorted(pairs) and [k for _, k in pairs] == built.published_keys
     assert ordered.schema == pa.schema([("raw_shard", pa.string()), ("key", pa.string())])

@@ -15,10 +15,7 @@ from PIL import Image, ImageOps
 from laionface.io.imagedecode import (
     decode_image,
     fit_size,
-    phash_from_hex,
-    phash_from_int64,
     phash_to_hex,
-    phash_to_int64,
 )
 from tests.photos import PHOTOS
 
@@ -101,19 +98,15 @@ def test_large_jpeg_is_drafted_and_its_phash_stays_close(two_people):
     assert difference < 3
 
 
-def test_phash_conversions_for_storage():
-    high = phash_from_hex("f000000000000001")
-    assert high == 0xF000000000000001
-    assert phash_to_int64(high) == -0x0FFFFFFFFFFFFFFF
-    assert phash_from_int64(phash_to_int64(high)) == high
-    assert phash_to_int64(0x7FFFFFFFFFFFFFFF) == 0x7FFFFFFFFFFFFFFF
-    assert phash_to_int64(1 << 63) == -(1 << 63)
+def test_phash_hex_and_signed_storage_keep_the_bits():
+    high = 0xF000000000000001
+    assert phash_to_hex(high) == "f000000000000001" == str(imagehash.hex_to_hash(f"{high:016x}"))
     assert phash_to_hex(5) == "0000000000000005"
-    # The faces parquet column is uint64; a signed store round-trips through the same bits.
-    column = pa.array([high, 0, phash_from_int64(-1)], type=pa.uint64())
-    assert column.to_pylist() == [high, 0, (1 << 64) - 1]
-    signed = pa.array([phash_to_int64(high)], pa.int64())
-    assert signed.cast(pa.uint64(), safe=False)[0].as_py() == high
+    # The faces parquet column is uint64; a store without uint64 (int64) keeps the same bits.
+    column = pa.array([high, 0, (1 << 64) - 1], type=pa.uint64())
+    signed = column.cast(pa.int64(), safe=False)
+    assert signed[0].as_py() == high - (1 << 64)
+    assert signed.cast(pa.uint64(), safe=False).to_pylist() == column.to_pylist()
 
 
 def test_downscaled_pixels_are_pils_bilinear_within_two_levels(two_people):

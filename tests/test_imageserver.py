@@ -19,8 +19,8 @@ from laionface.demo.imageserver import (
     HTML_PAGE,
     PRIVATE_REDIRECT_TARGET,
     ImageServer,
-    measure_rate,
 )
+from tests.imageservers import CountingImageServer
 
 SLOW_SECONDS = 1.5
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -33,7 +33,7 @@ def truth(demo_corpus) -> list[dict]:
 
 @pytest.fixture()
 def server(demo_corpus):
-    with ImageServer(demo_corpus.root, slow_seconds=SLOW_SECONDS) as running:
+    with CountingImageServer(demo_corpus.root, slow_seconds=SLOW_SECONDS) as running:
         yield running
 
 
@@ -216,7 +216,7 @@ def test_nothing_outside_images_is_served(server):
 
 def test_stop_is_prompt_while_a_handler_sleeps(demo_corpus, truth):
     row = _rows(truth, "timeout")[0]
-    server = ImageServer(demo_corpus.root, slow_seconds=60).start()
+    server = CountingImageServer(demo_corpus.root, slow_seconds=60).start()
     url = server.url(row["URL"])
     outcome: list[object] = []
 
@@ -264,10 +264,3 @@ def test_start_stop_and_errors(demo_corpus, tmp_path: Path):
     finally:
         server.stop()
     server.stop()  # stopping twice is harmless
-
-
-def test_measure_rate_fetches_n_images(server):
-    rate = measure_rate(server, n=40, threads=4)
-    assert rate["requests"] == 40
-    assert rate["requests_per_s"] > 0 and rate["mb_per_s"] > 0
-    assert sum(server.requests.values()) == 40

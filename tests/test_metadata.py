@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from laionface.config import Config, parse_config
-from laionface.engine.pipeline import run_pipeline
-from laionface.engine.runner import RunFolder, StageContext, open_client
+from laionface.engine.cluster import open_client
+from laionface.engine.pipeline import run_pipeline, stage_of
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import StageContext
 from laionface.io import schemas, storage
-from laionface.stages.metadata import idlists
-from laionface.stages.metadata import stage as metadata
+from laionface.layout import METADATA_REASONS
+from laionface.stages.metadata import filters, idlists
+from laionface.stages.metadata import stage as metadata_stage
 from laionface.stages.metadata.idlists import IdListError
-from laionface.stages.metadata.stage import MetadataError
+from laionface.stages.metadata.inputs import MetadataError
 from tests.conftest import S3_BUCKET
 
 DEFAULT_ROW = {
@@ -61,6 +64,9 @@ def client():
     fsspec.filesystem("memory").rm("/metadata-tests", recursive=True)
 
 
+METADATA_STAGE = stage_of("metadata")
+
+
 def run_stage(client, settings: dict, run_url: str = "") -> StageContext:
     run_url = run_url or f"memory://metadata-tests/{uuid.uuid4().hex}"
     config = parse_config(
@@ -68,8 +74,8 @@ def run_stage(client, settings: dict, run_url: str = "") -> StageContext:
     )
     run = RunFolder(run_url)
     run.start(config)
-    ctx = StageContext(config, run, client, progress=False)
-    metadata.run(ctx)
+    ctx = StageContext(config, run, client, progress=False, stage=METADATA_STAGE)
+    METADATA_STAGE.run(ctx)
     return ctx
 
 
@@ -165,7 +171,7 @@ def test_each_filter_drops_its_rows_under_the_first_reason(client, tmp_path):
     }
     summary = storage.read_json(ctx.path("metadata", "summary.json"))
     assert summary["input_rows"] == 29 and summary["kept_rows"] == 6
-    assert summary["reasons"] == list(metadata.REASONS)
+    assert summary["reasons"] == list(METADATA_REASONS)
 
 
 def _reference(files: list[list[dict]], ids: set[int], settings: dict) -> tuple[list, dict]:
@@ -201,10 +207,10 @@ def test_conservation_per_file_with_split_row_groups_and_hash_buckets(
     client, tmp_path, monkeypatch
 ):
     # Small tasks and buckets, so the same code paths run as on LAION's 13M-row parts.
-    monkeypatch.setattr(metadata, "TASK_ROWS", 300)
-    monkeypatch.setattr(metadata, "READ_BATCH_ROWS", 128)
-    monkeypatch.setattr(metadata, "DEDUP_BUCKET_ROWS", 400)
-    monkeypatch.setattr(metadata, "SHARD_TASK_ROWS", 150)
+    monkeypatch.setattr(metadata_stage, "TASK_ROWS", 300)
+    monkeypatch.setattr(filters, "READ_BATCH_ROWS", 128)
+    monkeypatch.setattr(metadata_stage, "DEDUP_BUCKET_ROWS", 400)
+    monkeypatch.setattr(metadata_stage, "SHARD_TASK_ROWS", 150)
     rng = np.random.default_rng(7)
     urls = [f"http://img{k % 40}.example.net/{k}.jpg" for k in range(700)]  # ~1/3 repeats
     files = []
@@ -347,8 +353,8 @@ def test_id_list_layouts(client, tmp_path, layout):
 def test_shards_are_full_numbered_in_input_order_and_follow_rows_per_shard(
     client, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(metadata, "TASK_ROWS", 6)
-    monkeypatch.setattr(metadata, "SHARD_TASK_ROWS", 10)
+    monkeypatch.setattr(metadata_stage, "TASK_ROWS", 6)
+    monkeypatch.setattr(metadata_stage, "SHARD_TASK_ROWS", 10)
     first = write_input(tmp_path / "b.parquet", [{"SAMPLE_ID": i} for i in range(23)], 4)
     second = write_input(tmp_path / "a.parquet", [{"SAMPLE_ID": 100 + i} for i in range(14)], 5)
     run_url = f"memory://metadata-tests/{uuid.uuid4().hex}"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laionface.audit import funnel as audit
-from laionface.audit import report
+from laionface.audit import plots, report, sheets, stats
+from laionface.audit.html import escape
 from laionface.config import SelectSection
 from laionface.io import storage
 from tests.test_audit import HOSTILE_CAPTION, HOSTILE_URL, build_run, parse_stats
@@ -179,18 +179,18 @@ def test_report_needs_no_network(report_html):
 
 def test_hostile_text_is_escaped():
     caption = "<script>alert(1)</script>\" onerror='x' &amp;"
-    assert report._escape(caption) == (
+    assert escape(caption) == (
         "&lt;script&gt;alert(1)&lt;/script&gt;&quot; onerror=&#x27;x&#x27; &amp;amp;"
     )
     long = "<" * 500
-    escaped = report._escape(long, limit=300)
+    escaped = escape(long, limit=300)
     assert escaped.endswith("&lt;\u2026") and "&l\u2026" not in escaped  # no entity cut
-    assert report._plot_label("cost $5 and $6") == r"cost \$5 and \$6"
+    assert plots.plot_label("cost $5 and $6") == r"cost \$5 and \$6"
 
 
 def test_report_numbers_agree_with_stats_and_files(report_run, report_html, capsys):
     tables = Tables(report_html).tables
-    assert audit.stats_command(report_run) == 0
+    assert stats.stats_command(report_run) == 0
     printed = parse_stats(capsys.readouterr().out)
     shown = [
         (stage, reason, _number(count), float(pct[:-1]), float(pct_stage[:-1]))
@@ -258,7 +258,7 @@ def test_contact_sheets_show_kept_and_dropped_images(report_run, report_html):
     decisions = f"'{report_run}/dedup/decisions.parquet'"
     kept = {k for (k,) in db.execute(f"select key from {decisions} where kept").fetchall()}
     # Fewer kept images than the sheet holds: every one is shown, each once.
-    assert len(kept) < report.KEPT_SAMPLES
+    assert len(kept) < sheets.KEPT_SAMPLES
     assert sorted(cards["kept-samples"]) == sorted(kept)
     reasons = dict(
         db.execute(
@@ -289,19 +289,19 @@ def test_boxes_are_drawn_in_the_thumbnail_frame():
         {"x1": 500.0, "y1": 100.0, "x2": 530.0, "y2": 130.0, "score": 0.99},  # too small
         {"x1": 600.0, "y1": 200.0, "x2": 700.0, "y2": 300.0, "score": 0.6},  # low score
     ]
-    uri, why = report._thumbnail(buffer.getvalue(), faces, 800, 400, rules, 10**8)
+    uri, why = sheets.thumbnail(buffer.getvalue(), faces, 800, 400, rules, 10**8)
     assert why == ""
     thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
-    assert thumb.size == (report.THUMB_SIDE, report.THUMB_SIDE // 2)
-    scale = report.THUMB_SIDE / 800
+    assert thumb.size == (sheets.THUMB_SIDE, sheets.THUMB_SIDE // 2)
+    scale = sheets.THUMB_SIDE / 800
 
     def near(x: float, y: float, color: tuple[int, int, int]) -> bool:
         pixel = np.asarray(thumb, dtype=int)[round(y * scale), round(x * scale)]
         return bool(np.abs(pixel - np.array(color)).max() < 60)
 
-    assert near(100, 200, report.GREEN)  # left edge of the counted face
-    assert near(500, 115, report.ORANGE)
-    assert near(600, 250, report.RED)
+    assert near(100, 200, sheets.GREEN)  # left edge of the counted face
+    assert near(500, 115, sheets.ORANGE)
+    assert near(600, 250, sheets.RED)
     assert near(200, 200, (128, 128, 128))  # inside a box: untouched
 
 

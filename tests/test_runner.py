@@ -8,7 +8,9 @@ import fsspec
 import pytest
 
 from laionface.config import Config
-from laionface.engine.runner import RunFolder, ShardTask, StageContext, StageFailed, open_client
+from laionface.engine.cluster import open_client
+from laionface.engine.runfolder import RunFolder
+from laionface.engine.runner import ShardTask, StageContext, StageFailed
 from laionface.io import storage
 from tests import shardfns
 
@@ -59,9 +61,7 @@ def test_failed_shard_is_named_and_only_it_is_redone(run_ctx):
     storage.write_bytes(fail_flag, b"")
 
     with pytest.raises(StageFailed) as failed:
-        ctx.map_shards(
-            "toy", shardfns.write_value, _tasks(ctx, fail_flag, count_dir), fingerprint="a"
-        )
+        ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, fail_flag, count_dir), settings="a")
     assert set(failed.value.failures) == {"00003"}
     assert "00003" in str(failed.value) and "planted failure" in str(failed.value)
     # The other shards finished and the failure is recorded in run.json.
@@ -76,7 +76,7 @@ def test_failed_shard_is_named_and_only_it_is_redone(run_ctx):
 
     storage.remove(fail_flag)
     stats = ctx.map_shards(
-        "toy", shardfns.write_value, _tasks(ctx, fail_flag, count_dir), fingerprint="a"
+        "toy", shardfns.write_value, _tasks(ctx, fail_flag, count_dir), settings="a"
     )
 
     assert sorted(stats) == [f"{i:05d}" for i in range(6)]
@@ -90,10 +90,10 @@ def test_failed_shard_is_named_and_only_it_is_redone(run_ctx):
 def test_changed_fingerprint_redoes_every_shard(run_ctx):
     ctx = run_ctx
     count_dir = ctx.path("calls")
-    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), fingerprint="a")
-    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), fingerprint="a")
+    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), settings="a")
+    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), settings="a")
     assert len(storage.list_files(count_dir)) == 6
-    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), fingerprint="b")
+    ctx.map_shards("toy", shardfns.write_value, _tasks(ctx, count_dir=count_dir), settings="b")
     assert len(storage.list_files(count_dir)) == 12
 
 
@@ -103,7 +103,7 @@ def test_transient_failure_is_retried_within_the_run(run_ctx):
         "00000",
         dict(out_url=ctx.path("flaky", "00000.json"), attempts_dir=ctx.path("attempts")),
     )
-    stats = ctx.map_shards("flaky", shardfns.fail_first_then_write, [task], fingerprint="x")
+    stats = ctx.map_shards("flaky", shardfns.fail_first_then_write, [task], settings="x")
     assert stats["00000"]["items"] == 1
     assert storage.read_json(ctx.path("flaky", "00000.json")) == {"ok": True}
 
@@ -113,7 +113,7 @@ def test_crash_mid_write_leaves_nothing_partial(run_ctx):
     out = ctx.path("crash", "00000.bin")
     task = ShardTask("00000", dict(out_url=out))
     with pytest.raises(StageFailed):
-        ctx.map_shards("crash", shardfns.write_then_crash, [task], fingerprint="x")
+        ctx.map_shards("crash", shardfns.write_then_crash, [task], settings="x")
     assert not storage.exists(out)
     fs, path = storage.fs_for(ctx.path("crash"))
     leftovers = fs.ls(path, detail=False) if fs.exists(path) else []

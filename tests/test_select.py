@@ -7,7 +7,8 @@ import pytest
 
 from laionface.config import SelectSection
 from laionface.io import schemas, storage
-from laionface.stages.select import decide, select_shard
+from laionface.selection import decide
+from laionface.stages.select import select_shard
 
 
 def face(x1, y1, x2, y2, score):

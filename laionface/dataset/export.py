@@ -26,8 +26,9 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laionface.dataset.verify import dataset_folder
+from laionface.dataset import contract
 from laionface.io import schemas, storage
+from laionface.layout import RunLayout
 
 FORMATS = ("ids-parquet", "urls", "laion-face-pth", "sample2detect")
 LAION_400M_PARTS = 32
@@ -40,18 +41,22 @@ class ExportError(RuntimeError):
 
 def dataset_table(dataset_url: str, columns: list[str]) -> pa.Table:
     """The chosen columns of every sample, in dataset order."""
-    meta = storage.read_json(storage.join(dataset_url, "dataset.json"))
-    names = [f"{i:05d}.parquet" for i in range(meta["counts"]["shards"])]
-    tables = [storage.read_parquet(storage.join(dataset_url, n), columns) for n in names]
+    meta = storage.read_json(storage.join(dataset_url, contract.DATASET_JSON))
+    names = contract.shard_names(meta["counts"]["shards"])
+    tables = [
+        storage.read_parquet(storage.join(dataset_url, contract.parquet_name(n)), columns)
+        for n in names
+    ]
     return pa.concat_tables(tables)
 
 
 def sample_parts(run_url: str) -> tuple[pa.Table, int, list[int]]:
     """(table SAMPLE_ID -> part, number of parts, the parts the run read) from metadata/shards."""
-    urls = storage.list_files(storage.join(run_url, "metadata", "shards"), ".parquet")
+    shards_url = RunLayout(run_url).metadata_shards
+    urls = storage.list_files(shards_url, ".parquet")
     if not urls:
         raise ExportError(
-            f"{run_url}/metadata/shards has no files: the .pth formats need the metadata stage's "
+            f"{shards_url} has no files: the .pth formats need the metadata stage's "
             "shards (which metadata part each sample came from); export from the run folder"
         )
     table = pa.concat_tables(
@@ -101,7 +106,7 @@ def export(run_url: str, fmt: str, out: str) -> list[str]:
     """Write the `fmt` export of the run's dataset into folder `out`; returns the files written."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; the formats are {', '.join(FORMATS)}")
-    dataset_url = dataset_folder(run_url)
+    dataset_url = contract.dataset_folder(run_url)
     out = out.rstrip("/")
     written: list[str] = []
     if fmt == "ids-parquet":

@@ -19,18 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from laionface.dataset.verify import dataset_folder, file_sizes, verify
+from laionface.dataset.contract import DATASET_FILE, DATASET_JSON, dataset_folder
+from laionface.dataset.verify import file_sizes, verify
 from laionface.io import storage
 
 log = logging.getLogger("laionface")
 
 CHUNK = 16 * 1024 * 1024
-# Names a laionface dataset folder holds; with replace=True only such strays are deleted.
-DATASET_FILE = re.compile(r"(\d+\.(tar|parquet)|sizes\.json|shardindex\.json|manifest\.parquet)")
 
 
 class PublishError(RuntimeError):
@@ -62,43 +60,13 @@ def _copy(source_url: str, target_url: str, entry: dict) -> None:
             )
 
 
-def publish(
-    source: str,
-    target: str,
-    *,
-    replace: bool = False,
-    workers: int = 4,
-    check_images: bool = True,
-    on_file: Callable[[str, str], None] | None = None,
-) -> int:
-    """Publish the dataset of run (or dataset folder) `source` to `target`; returns 0.
-
-    `replace`: allow replacing another dataset already published at `target`.
-    `on_file(name, action)` is called after each file, action "copied" or "skipped".
-    Raises PublishError when the target holds something else or the copy does not verify.
-    """
-    source_url = dataset_folder(source)
-    target = target.rstrip("/")
-    meta_bytes = storage.read_bytes(storage.join(source_url, "dataset.json"))
-    meta = json.loads(meta_bytes)
-    files: dict[str, dict] = meta["files"]
-    target_meta = storage.join(target, "dataset.json")
-    if storage.exists(target_meta):
-        if storage.read_bytes(target_meta) == meta_bytes:
-            log.info("publish: %s already holds this dataset", target)
-            return 0
-        if not replace:
-            raise PublishError(
-                f"{target} already holds another published dataset; pass --replace to "
-                "replace it (its dataset.json is removed first, so readers never see a mix)"
-            )
-        storage.remove(target_meta)
-
-    present = file_sizes(target)
+def _strays(target: str, present: dict[str, int], files: dict, replace: bool) -> list[str]:
+    """Files at the target that are not part of this dataset; an error unless they are another
+    dataset's and `replace` allows deleting them."""
     strays = sorted(
         name
         for name in present
-        if name not in files and name != "dataset.json" and not name.startswith(storage.TEMP_PREFIX)
+        if name not in files and name != DATASET_JSON and not name.startswith(storage.TEMP_PREFIX)
     )
     unknown = [name for name in strays if not DATASET_FILE.fullmatch(name)]
     if unknown or (strays and not replace):
@@ -108,6 +76,13 @@ def publish(
             f"{', ...' if len(unknown or strays) > 5 else ''}): publish into an empty folder"
             + ("" if unknown else ", or pass --replace to delete them")
         )
+    return strays
+
+
+def _copy_all(
+    source_url: str, target: str, files: dict, present: dict[str, int], workers: int, on_file
+) -> dict[str, int]:
+    """Copy every listed file not already at the target; {"copied": n, "skipped": m}."""
 
     def place(name: str) -> tuple[str, str]:
         entry = files[name]
@@ -130,6 +105,42 @@ def publish(
             for future in futures:
                 future.cancel()
             raise
+    return counts
+
+
+def publish(
+    source: str,
+    target: str,
+    *,
+    replace: bool = False,
+    workers: int = 4,
+    check_images: bool = True,
+    on_file: Callable[[str, str], None] | None = None,
+) -> int:
+    """Publish the dataset of run (or dataset folder) `source` to `target`; returns 0.
+
+    `replace`: allow replacing another dataset already published at `target`.
+    `on_file(name, action)` is called after each file, action "copied" or "skipped".
+    Raises PublishError when the target holds something else or the copy does not verify.
+    """
+    source_url = dataset_folder(source)
+    target = target.rstrip("/")
+    meta_bytes = storage.read_bytes(storage.join(source_url, DATASET_JSON))
+    meta = json.loads(meta_bytes)
+    target_meta = storage.join(target, DATASET_JSON)
+    if storage.exists(target_meta):
+        if storage.read_bytes(target_meta) == meta_bytes:
+            log.info("publish: %s already holds this dataset", target)
+            return 0
+        if not replace:
+            raise PublishError(
+                f"{target} already holds another published dataset; pass --replace to "
+                "replace it (its dataset.json is removed first, so readers never see a mix)"
+            )
+        storage.remove(target_meta)
+    present = file_sizes(target)
+    strays = _strays(target, present, meta["files"], replace)
+    counts = _copy_all(source_url, target, meta["files"], present, workers, on_file)
     log.info(
         "publish: %d files copied, %d already there; verifying the copy",
         counts["copied"],
@@ -140,7 +151,6 @@ def publish(
     for name in present:
         if name.startswith(storage.TEMP_PREFIX):
             storage.remove(storage.join(target, name))  # an interrupted earlier publish's
-
     problems = verify(target, expected=meta, check_images=check_images, workers=workers)
     if problems:
         raise PublishError(

@@ -1,9 +1,4 @@
-"""The published dataset's contracts, and `verify`: does a dataset folder keep them?
-
-The contracts are defined here once: JSON Schemas of `dataset.json` and of each `{key}.json`,
-plus the Arrow schemas of `NNNNN.parquet` and `manifest.parquet` (laionface.schemas), each field
-documented. `manifests/` at the top of the repository is generated from them
-(`write_manifest_files`), and a test keeps the two equal.
+"""`laionface verify`: does a dataset folder keep the contract (laionface.dataset.contract)?
 
 `verify(url)` reads every byte of a dataset once (any fsspec URL) and returns every problem it
 finds, as lines that name the file, the key and what is wrong; an empty list means the dataset
@@ -27,284 +22,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from laionface.io import schemas, storage
-from laionface.io.tars import HashingReader, UnsafeTar, iter_members, name_problem
-from laionface.stages.emit import (
-    FORMAT,
-    FORMAT_VERSION,
-    IMAGE_EXTS,
-    ORDER_RULE,
+from laionface.dataset import contract
+from laionface.dataset.contract import (
+    DATASET_JSON_SCHEMA,
+    DATASET_SHARD,
+    MANIFEST,
+    SAMPLE_JSON_SCHEMA,
     sample_json,
-    shard_name,
 )
+from laionface.io import storage
+from laionface.io.tars import HashingReader, UnsafeTar, iter_members, members_of, name_problem
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # One shard's problems are cut to this many lines (a broken shard can have thousands).
 MAX_PROBLEMS_PER_FILE = 20
-
-# ---------------------------------------------------------------------------------------------
-# The contracts.
-
-SAMPLE_FIELDS = {
-    "key": "The sample's key: its raw img2dataset key (shard digits then index digits). Unique "
-    "in the dataset, letters/digits/'_'/'-' only, never a dot (webdataset splits names at the "
-    "first dot).",
-    "SAMPLE_ID": "LAION-400M's SAMPLE_ID (int64), the id LAION-Face's lists use; null if the "
-    "input had none.",
-    "url": "The URL the image was downloaded from.",
-    "caption": "The caption (LAION's TEXT); the same text as the {key}.txt member.",
-    "width": "Image width in pixels after its EXIF orientation is applied: the frame the boxes "
-    "and landmarks are in.",
-    "height": "Image height in pixels, in the same frame as width.",
-    "LICENSE": 'LAION\'s LICENSE: "?" or a Creative Commons URL; null if the input had none.',
-    "NSFW": "LAION's NSFW tag: UNLIKELY, UNSURE or NSFW; null if the input had none.",
-    "similarity": "LAION's CLIP ViT-B/32 image-text cosine similarity; null if unknown.",
-    "sha256": "sha256 (hex) of the image member's bytes (emit copies the stored bytes untouched).",
-    "phash": "64-bit perceptual hash of the image (imagehash.phash) as 16 hex digits.",
-    "n_faces": "How many faces pass every select rule (score, face size, face fraction).",
-    "faces": "Every detection scoring at least select.min_score, in pixel coordinates of the "
-    "upright image. In {key}.json each is {box: [x1, y1, x2, y2], landmarks: [[x, y] x 5], "
-    "score}; in the parquet each is {x1, y1, x2, y2, score, landmarks: [x, y] x 5 flattened}. "
-    "Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner (RetinaFace).",
-    "raw_shard": "The download stage's shard (raw/NNNNN.tar) the image came from.",
-}
-
-MANIFEST_FIELDS = {
-    "key": "The sample's key.",
-    "SAMPLE_ID": "LAION-400M's SAMPLE_ID.",
-    "shard": "The dataset shard whose NNNNN.parquet holds the sample's row.",
-    "index": "The sample's row number in that parquet (and its position in NNNNN.tar).",
-    "tar": 'The tar holding the members. copy mode: "NNNNN.tar" in the dataset folder; manifest '
-    'mode: "raw/NNNNN.tar" relative to dataset.json\'s source_root (the run folder).',
-    "sample_offset": "Byte offset of the first member header of the sample in that tar.",
-    "sample_size": "Bytes from sample_offset to the end of the sample's last member (with "
-    "padding): read this range and parse it as a tar to get the whole sample.",
-    "image_ext": "Extension of the image member ({key}.jpg: jpg).",
-    "image_offset": "Byte offset of the image member's data: seek here and read image_size "
-    "bytes to get the image file.",
-    "image_size": "Length of the image member's data.",
-    "json_offset": "Byte offset of the {key}.json member's data.",
-    "json_size": "Length of the {key}.json member's data.",
-    "txt_offset": "Byte offset of the {key}.txt member's data.",
-    "txt_size": "Length of the {key}.txt member's data.",
-}
-
-DATASET_FIELDS = {
-    "format": f'Always "{FORMAT}".',
-    "format_version": f"Version of this contract: {FORMAT_VERSION}.",
-    "name": "The run's name ([run] name).",
-    "created": "When emit finished (ISO 8601, UTC).",
-    "mode": '"copy" (tars in this folder) or "manifest" (no tars: manifest.parquet points into '
-    "the run's raw tars).",
-    "order": "The sample order rule, in words.",
-    "samples_per_shard": "Samples in every shard but the last (emit.samples_per_shard).",
-    "counts": "{samples, shards}: totals over the dataset.",
-    "config": "The resolved pipeline config the dataset was built with.",
-    "versions": "Software versions (python, laionface, dask, pyarrow, torch, img2dataset, ...).",
-    "funnel": "What emit read and published: select {images, kept, dropped by reason}, dedup "
-    "{images, kept, dropped by reason} (or {disabled: true}), published; and audit: "
-    "laionface.audit's funnel from the metadata inputs to dedup, with its conservation check.",
-    "files": "Every other file of the dataset folder: name -> {sha256, size} (tars also md5). "
-    "dataset.json itself is written last, so a folder without it is incomplete.",
-    "source_root": "manifest mode only: the run folder the manifest's tar paths are relative to.",
-    "sources": "manifest mode only: each raw tar the manifest points into -> {sha256, size}.",
-}
-
-_HEX64 = "^[0-9a-f]{64}$"
-_FILE_ENTRY = {
-    "type": "object",
-    "required": ["sha256", "size"],
-    "additionalProperties": False,
-    "properties": {
-        "sha256": {"type": "string", "pattern": _HEX64},
-        "md5": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-        "size": {"type": "integer", "minimum": 0},
-    },
-}
-_NUMBER = {"type": "number"}
-
-SAMPLE_JSON_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "laionface sample ({key}.json)",
-    "type": "object",
-    "additionalProperties": False,
-    "required": list(SAMPLE_FIELDS),
-    "properties": {
-        "key": {"type": "string", "pattern": "^[0-9A-Za-z_-]+$"},
-        "SAMPLE_ID": {"type": ["integer", "null"]},
-        "url": {"type": "string"},
-        "caption": {"type": "string"},
-        "width": {"type": "integer", "minimum": 1},
-        "height": {"type": "integer", "minimum": 1},
-        "LICENSE": {"type": ["string", "null"]},
-        "NSFW": {"type": ["string", "null"]},
-        "similarity": {"type": ["number", "null"]},
-        "sha256": {"type": "string", "pattern": _HEX64},
-        "phash": {"type": ["string", "null"], "pattern": "^[0-9a-f]{16}$"},
-        "n_faces": {"type": "integer", "minimum": 0},
-        "faces": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["box", "landmarks", "score"],
-                "properties": {
-                    "box": {"type": "array", "items": _NUMBER, "minItems": 4, "maxItems": 4},
-                    "landmarks": {
-                        "type": "array",
-                        "minItems": 5,
-                        "maxItems": 5,
-                        "items": {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2},
-                    },
-                    "score": {"type": "number", "minimum": 0, "maximum": 1},
-                },
-            },
-        },
-        "raw_shard": {"type": "string", "pattern": "^[0-9]+$"},
-    },
-}
-
-DATASET_JSON_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "laionface dataset (dataset.json)",
-    "type": "object",
-    "additionalProperties": False,
-    "required": [k for k in DATASET_FIELDS if k not in ("source_root", "sources")],
-    "properties": {
-        "format": {"const": FORMAT},
-        "format_version": {"const": FORMAT_VERSION},
-        "name": {"type": "string"},
-        "created": {"type": "string"},
-        "mode": {"enum": ["copy", "manifest"]},
-        "order": {"type": "string"},
-        "samples_per_shard": {"type": "integer", "minimum": 1},
-        "counts": {
-            "type": "object",
-            "required": ["samples", "shards"],
-            "additionalProperties": False,
-            "properties": {
-                "samples": {"type": "integer", "minimum": 1},
-                "shards": {"type": "integer", "minimum": 1},
-            },
-        },
-        "config": {"type": "object"},
-        "versions": {"type": "object", "additionalProperties": {"type": "string"}},
-        "funnel": {"type": "object", "required": ["select", "dedup", "published"]},
-        "files": {
-            "type": "object",
-            "propertyNames": {"pattern": "^[0-9A-Za-z_][0-9A-Za-z_.-]*$"},
-            "additionalProperties": _FILE_ENTRY,
-        },
-        "source_root": {"type": "string"},
-        "sources": {"type": "object", "additionalProperties": _FILE_ENTRY},
-    },
-    "if": {"properties": {"mode": {"const": "manifest"}}},
-    "then": {"required": ["source_root", "sources"]},
-}
-
-
-def _describe(schema: dict, fields: dict[str, str]) -> dict:
-    out = json.loads(json.dumps(schema))
-    for name, text in fields.items():
-        out["properties"][name]["description"] = text
-    return out
-
-
-def _arrow_contract(schema: pa.Schema, title: str, fields: dict[str, str]) -> dict:
-    return {
-        "title": title,
-        "fields": [
-            {
-                "name": f.name,
-                "type": str(f.type),
-                "nullable": f.nullable,
-                "description": fields[f.name],
-            }
-            for f in schema
-        ],
-    }
-
-
-def _readme() -> str:
-    def table(fields: dict[str, str], types: dict[str, str]) -> str:
-        rows = [f"| `{name}` | {types.get(name, '')} | {text} |" for name, text in fields.items()]
-        return "| field | type | meaning |\n|---|---|---|\n" + "\n".join(rows)
-
-    def json_type(prop: dict) -> str:
-        if "const" in prop:
-            return f"`{json.dumps(prop['const'])}`"
-        if "enum" in prop:
-            return " or ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
-        return f"`{prop['type']}`"
-
-    dataset_types = {k: json_type(v) for k, v in DATASET_JSON_SCHEMA["properties"].items()}
-    arrow_types = {f.name: f"`{f.type}`" for f in schemas.DATASET_SHARD}
-    manifest_types = {f.name: f"`{f.type}`" for f in schemas.MANIFEST}
-    return f"""# Published dataset contracts
-
-Generated from `laionface/verify.py` and `laionface/schemas.py` by
-`python -c "from laionface.dataset.verify import write_manifest_files; write_manifest_files('manifests')"`;
-`laionface verify PATH` checks a dataset against them.
-
-| file | contract of |
-|---|---|
-| `dataset.schema.json` | `dataset.json` (JSON Schema 2020-12) |
-| `sample.schema.json` | each sample's `{{key}}.json` member (JSON Schema 2020-12) |
-| `dataset_shard.arrow.json` | each `NNNNN.parquet` (Arrow schema) |
-| `manifest.arrow.json` | `manifest.parquet` (Arrow schema) |
-
-## The dataset folder
-
-- `NNNNN.tar` (copy mode): webdataset shards of exactly `samples_per_shard` samples (only the
-  last may be shorter). Members per sample, adjacent and in this order: `{{key}}.jpg` (the bytes
-  the download stage stored, copied untouched), `{{key}}.json`, `{{key}}.txt` (the caption). Tars are written
-  deterministically (ustar, mtime 0, uid/gid 0, mode 0644): the same inputs give the same bytes.
-- `NNNNN.parquet`: the same samples in the same order, one row each (always as many rows as the
-  tar has samples).
-- `sizes.json` (copy mode): `{{"00000.tar": n, ...}}`, the sample counts OpenCLIP reads.
-- `shardindex.json` (copy mode): the wids index (`wids-shard-index-v1`: url, md5sum, nsamples,
-  filesize per shard).
-- `manifest.parquet`: where each sample's members lie, for random access by byte range.
-- `dataset.json`: written last; lists every other file with its sha256.
-
-Order: {ORDER_RULE}.
-
-## Per-sample fields (`{{key}}.json` and `NNNNN.parquet`)
-
-{table(SAMPLE_FIELDS, arrow_types)}
-
-## `manifest.parquet`
-
-{table(MANIFEST_FIELDS, manifest_types)}
-
-## `dataset.json`
-
-{table(DATASET_FIELDS, dataset_types)}
-"""
-
-
-def manifest_files() -> dict[str, str]:
-    """The contents of manifests/: file name -> text."""
-
-    def dump(obj: Any) -> str:
-        return json.dumps(obj, indent=2) + "\n"
-
-    return {
-        "dataset.schema.json": dump(_describe(DATASET_JSON_SCHEMA, DATASET_FIELDS)),
-        "sample.schema.json": dump(_describe(SAMPLE_JSON_SCHEMA, SAMPLE_FIELDS)),
-        "dataset_shard.arrow.json": dump(
-            _arrow_contract(schemas.DATASET_SHARD, "NNNNN.parquet", SAMPLE_FIELDS)
-        ),
-        "manifest.arrow.json": dump(
-            _arrow_contract(schemas.MANIFEST, "manifest.parquet", MANIFEST_FIELDS)
-        ),
-        "README.md": _readme(),
-    }
-
-
-def write_manifest_files(folder: str) -> None:
-    for name, text in manifest_files().items():
-        storage.write_bytes(storage.join(folder, name), text.encode())
 
 
 def _validator(schema: dict):
@@ -394,7 +125,7 @@ def _read_shard_parquet(url: str, entry: dict | None, problems: _Problems) -> li
     except Exception as exc:  # pyarrow raises several types for a broken file
         problems.add(f"not a readable parquet file ({exc})")
         return None
-    if not table.schema.equals(schemas.DATASET_SHARD):
+    if not table.schema.equals(DATASET_SHARD):
         problems.add(f"schema differs from manifests/dataset_shard.arrow.json: {table.schema}")
         return None
     return table.to_pylist()
@@ -404,7 +135,7 @@ def _sample_checks(
     key: str, members: dict, problems: _Problems, check_images: bool, max_pixels: int
 ) -> dict | None:
     """Checks one copy-mode sample's members; returns its parsed json (or None)."""
-    images = [ext for ext in members if ext in IMAGE_EXTS]
+    images = [ext for ext in members if contract.is_image_ext(ext)]
     missing = [ext for ext in ("json", "txt") if ext not in members]
     if not images:
         missing.insert(0, "jpg")
@@ -438,36 +169,30 @@ def _sample_checks(
 
 
 def _location(key: str, shard: str, index: int, tar: str, members: dict) -> dict:
-    """The manifest fields the members of one sample imply."""
-    spans = sorted((m for m, _ in members.values()), key=lambda m: m.offset)
-    out = {
+    """The manifest fields the members ({ext: (member, data)}) of one sample imply."""
+    located = {ext: member for ext, (member, _) in members.items()}
+    return {
         "key": key,
         "shard": shard,
         "index": index,
         "tar": tar,
-        "sample_offset": spans[0].offset,
-        "sample_size": spans[-1].end - spans[0].offset,
+        **contract.member_locations(located),
     }
-    for ext, (member, _) in members.items():
-        kind = "image" if ext in IMAGE_EXTS else ext
-        if kind == "image":
-            out["image_ext"] = ext
-        out[f"{kind}_offset"] = member.data_offset
-        out[f"{kind}_size"] = member.size
-    return out
 
 
-def _check_copy_shard(
-    dataset_url: str, name: str, files: dict, check_images: bool, max_pixels: int
-) -> _ShardResult:
-    result = _ShardResult()
-    tar_name, parquet_name = f"{name}.tar", f"{name}.parquet"
-    parquet_problems = _Problems(parquet_name)
-    rows = _read_shard_parquet(
-        storage.join(dataset_url, parquet_name), files.get(parquet_name), parquet_problems
-    )
-    problems = _Problems(tar_name)
-    samples: list[tuple[str, dict, dict | None]] = []  # key, members, parsed json
+@dataclass
+class _TarRead:
+    """A copy-mode tar read once: its samples (key, members without bytes, parsed json)."""
+
+    samples: list[tuple[str, dict, dict | None]] = field(default_factory=list)
+    entry: dict[str, Any] = field(default_factory=dict)  # md5, sha256, size of the bytes read
+
+
+def _read_copy_tar(
+    handle: Any, tar_name: str, problems: _Problems, check_images: bool, max_pixels: int
+) -> _TarRead:
+    """Read a dataset tar member by member, checking each sample as it completes."""
+    read = _TarRead()
     seen: set[str] = set()
     current: str | None = None
     members: dict[str, tuple] = {}
@@ -476,69 +201,88 @@ def _check_copy_shard(
         if current is not None:
             parsed = _sample_checks(current, members, problems, check_images, max_pixels)
             # Keep where the members are, not their bytes: a shard can hold gigabytes.
-            samples.append((current, {e: (m, None) for e, (m, _) in members.items()}, parsed))
+            read.samples.append((current, {e: (m, None) for e, (m, _) in members.items()}, parsed))
 
+    reader = HashingReader(handle)
+    try:
+        for member, data in iter_members(reader, source=tar_name):
+            bad_name = name_problem(member.name)
+            if bad_name:
+                problems.add(bad_name)
+                continue
+            if member.key != current:
+                finish()
+                if member.key in seen:
+                    problems.add(f"key {member.key}: its members are not adjacent")
+                current, members = member.key, {}
+                seen.add(member.key)
+            if member.ext in members:
+                problems.add(f"key {member.key}: two .{member.ext} members")
+                continue
+            members[member.ext] = (member, data)
+        finish()
+        reader.drain()
+    except UnsafeTar as exc:
+        problems.add(f"{exc}; stopped reading this tar", prefix=False)
+    read.entry = {"md5": reader.md5.hexdigest(), "sha256": reader.sha256.hexdigest()}
+    read.entry["size"] = reader.size
+    return read
+
+
+def _entry_problems(actual: dict, entry: dict | None, problems: _Problems) -> None:
+    """A file read against its dataset.json entry."""
+    if entry is None:
+        return
+    if actual["size"] != entry["size"]:
+        problems.add(f"size {actual['size']:,} bytes, dataset.json says {entry['size']:,}")
+    elif actual["sha256"] != entry["sha256"]:
+        problems.add("sha256 differs from dataset.json (the file is corrupt or changed)")
+
+
+def _compare_rows(rows: list[dict], samples: list, tar_name: str, problems: _Problems) -> None:
+    """NNNNN.parquet's rows against the tar's samples, in order and field by field."""
+    if len(rows) != len(samples):
+        problems.add(f"{len(rows)} rows but {tar_name} has {len(samples)} samples")
+    for index, (row, (key, _, parsed)) in enumerate(zip(rows, samples, strict=False)):
+        if row["key"] != key:
+            problems.add(
+                f"row {index} is key {row['key']} but sample {index} of {tar_name} is {key}"
+            )
+            return
+        if parsed is not None and sample_json(row) != parsed:
+            differ = sorted(k for k, v in sample_json(row).items() if parsed.get(k) != v)
+            problems.add(
+                f"row {index} (key {key}) differs from {key}.json in "
+                f"{', '.join(differ) or 'extra fields'}"
+            )
+
+
+def _check_copy_shard(
+    dataset_url: str, name: str, files: dict, check_images: bool, max_pixels: int
+) -> _ShardResult:
+    result = _ShardResult()
+    tar_name, parquet_name = contract.tar_name(name), contract.parquet_name(name)
+    parquet_problems = _Problems(parquet_name)
+    rows = _read_shard_parquet(
+        storage.join(dataset_url, parquet_name), files.get(parquet_name), parquet_problems
+    )
+    problems = _Problems(tar_name)
     fs, path = storage.fs_for(storage.join(dataset_url, tar_name))
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError:
-        handle = None
-    if handle is not None:
-        with handle:
-            reader = HashingReader(handle)
-            try:
-                for member, data in iter_members(reader, source=tar_name):
-                    bad_name = name_problem(member.name)
-                    if bad_name:
-                        problems.add(bad_name)
-                        continue
-                    if member.key != current:
-                        finish()
-                        if member.key in seen:
-                            problems.add(f"key {member.key}: its members are not adjacent")
-                        current, members = member.key, {}
-                        seen.add(member.key)
-                    if member.ext in members:
-                        problems.add(f"key {member.key}: two .{member.ext} members")
-                        continue
-                    members[member.ext] = (member, data)
-                finish()
-                reader.drain()
-            except UnsafeTar as exc:
-                problems.add(f"{exc}; stopped reading this tar", prefix=False)
-            result.tar = {
-                "md5": reader.md5.hexdigest(),
-                "sha256": reader.sha256.hexdigest(),
-                "size": reader.size,
-            }
-        entry = files.get(tar_name)
-        if entry is not None:
-            if result.tar["size"] != entry["size"]:
-                problems.add(
-                    f"size {result.tar['size']:,} bytes, dataset.json says {entry['size']:,}"
-                )
-            elif result.tar["sha256"] != entry["sha256"]:
-                problems.add("sha256 differs from dataset.json (the file is corrupt or changed)")
-
-    result.samples = len(samples)
-    result.keys = [key for key, _, _ in samples]
-    for index, (key, sample_members, _) in enumerate(samples):
+        result.problems = problems.lines() + parquet_problems.lines()
+        return result
+    with handle:
+        read = _read_copy_tar(handle, tar_name, problems, check_images, max_pixels)
+    result.tar = read.entry
+    _entry_problems(read.entry, files.get(tar_name), problems)
+    result.samples = len(read.samples)
+    result.keys = [key for key, _, _ in read.samples]
+    for index, (key, sample_members, _) in enumerate(read.samples):
         result.locations[key] = _location(key, name, index, tar_name, sample_members)
-    if rows is not None and handle is not None:
-        if len(rows) != len(samples):
-            parquet_problems.add(f"{len(rows)} rows but {tar_name} has {len(samples)} samples")
-        for index, (row, (key, _, parsed)) in enumerate(zip(rows, samples, strict=False)):
-            if row["key"] != key:
-                parquet_problems.add(
-                    f"row {index} is key {row['key']} but sample {index} of {tar_name} is {key}"
-                )
-                break
-            if parsed is not None and sample_json(row) != parsed:
-                differ = sorted(k for k, v in sample_json(row).items() if parsed.get(k) != v)
-                parquet_problems.add(
-                    f"row {index} (key {key}) differs from {key}.json in "
-                    f"{', '.join(differ) or 'extra fields'}"
-                )
+    if rows is not None:
+        _compare_rows(rows, read.samples, tar_name, parquet_problems)
     result.problems = problems.lines() + parquet_problems.lines()
     return result
 
@@ -560,13 +304,9 @@ def _check_raw_tar(
     with fs.open(path, "rb") as handle:
         reader = HashingReader(handle)
         try:
-            for member, data in iter_members(
-                reader,
-                source=tar,
-                wanted=lambda m: m.key in wanted and m.ext in IMAGE_EXTS,
+            for member, data in members_of(
+                reader, set(wanted), source=tar, read=lambda m: contract.is_image_ext(m.ext)
             ):
-                if member.key not in wanted:
-                    continue
                 found.setdefault(member.key, {})[member.ext] = (member, None)
                 if data is not None:  # the image: checked now, its bytes not kept
                     result.locations[member.key] = {"sha256": hashlib.sha256(data).hexdigest()}
@@ -604,14 +344,6 @@ def file_sizes(dataset_url: str) -> dict[str, int]:
     }
 
 
-def _expected_names(meta: dict) -> list[str]:
-    names = [shard_name(i) for i in range(meta["counts"]["shards"])]
-    out = [f"{n}.parquet" for n in names] + ["manifest.parquet"]
-    if meta["mode"] == "copy":
-        out += [f"{n}.tar" for n in names] + ["sizes.json", "shardindex.json"]
-    return sorted(out)
-
-
 def _read_json_file(url: str, entry: dict | None, problems: _Problems) -> Any:
     data = _read_checked(url, entry, problems)
     if data is None:
@@ -627,11 +359,13 @@ def _check_indexes(dataset_url: str, meta: dict, results: dict[str, _ShardResult
     """sizes.json and shardindex.json against the tars that were read."""
     files = meta["files"]
     out: list[str] = []
-    sizes_problems = _Problems("sizes.json")
+    sizes_problems = _Problems(contract.SIZES_JSON)
     sizes = _read_json_file(
-        storage.join(dataset_url, "sizes.json"), files.get("sizes.json"), sizes_problems
+        storage.join(dataset_url, contract.SIZES_JSON),
+        files.get(contract.SIZES_JSON),
+        sizes_problems,
     )
-    actual = {f"{name}.tar": r.samples for name, r in results.items() if r.tar}
+    actual = contract.sizes({name: r.samples for name, r in results.items() if r.tar})
     if isinstance(sizes, dict):
         for tar in sorted(set(sizes) | set(actual)):
             if sizes.get(tar) != actual.get(tar):
@@ -640,16 +374,18 @@ def _check_indexes(dataset_url: str, meta: dict, results: dict[str, _ShardResult
         sizes_problems.add("not an object of tar name -> sample count")
     out += sizes_problems.lines()
 
-    index_problems = _Problems("shardindex.json")
+    index_problems = _Problems(contract.SHARD_INDEX_JSON)
     index = _read_json_file(
-        storage.join(dataset_url, "shardindex.json"), files.get("shardindex.json"), index_problems
+        storage.join(dataset_url, contract.SHARD_INDEX_JSON),
+        files.get(contract.SHARD_INDEX_JSON),
+        index_problems,
     )
     if isinstance(index, dict):
-        if index.get("__kind__") != "wids-shard-index-v1":
-            index_problems.add("__kind__ is not wids-shard-index-v1")
+        if index.get("__kind__") != contract.WIDS_KIND:
+            index_problems.add(f"__kind__ is not {contract.WIDS_KIND}")
         listed = {e.get("url"): e for e in index.get("shardlist", []) if isinstance(e, dict)}
         for name, result in sorted(results.items()):
-            entry = listed.pop(f"{name}.tar", None)
+            entry = listed.pop(contract.tar_name(name), None)
             if entry is None:
                 index_problems.add(f"no entry for {name}.tar")
             elif result.tar:
@@ -675,10 +411,10 @@ def _check_manifest(
     dataset_url: str, meta: dict, locations: dict[str, dict]
 ) -> tuple[list[str], list[dict]]:
     """manifest.parquet's rows against the locations the tars gave; returns (problems, rows)."""
-    problems = _Problems("manifest.parquet")
+    problems = _Problems(contract.MANIFEST_PARQUET)
     data = _read_checked(
-        storage.join(dataset_url, "manifest.parquet"),
-        meta["files"].get("manifest.parquet"),
+        storage.join(dataset_url, contract.MANIFEST_PARQUET),
+        meta["files"].get(contract.MANIFEST_PARQUET),
         problems,
     )
     if data is None:
@@ -688,7 +424,7 @@ def _check_manifest(
     except Exception as exc:  # pyarrow raises several types for a broken file
         problems.add(f"not a readable parquet file ({exc})")
         return problems.lines(), []
-    if not table.schema.equals(schemas.MANIFEST):
+    if not table.schema.equals(MANIFEST):
         problems.add(f"schema differs from manifests/manifest.arrow.json: {table.schema}")
         return problems.lines(), []
     rows = table.to_pylist()
@@ -750,16 +486,60 @@ def _map(fn: Callable, items: list, workers: int) -> list:
         return list(pool.map(fn, items))
 
 
-def dataset_folder(source: str) -> str:
-    """`source` if it holds dataset.json, else `source`/dataset (a run folder)."""
-    source = source.rstrip("/")
-    for candidate in (source, storage.join(source, "dataset")):
-        if storage.exists(storage.join(candidate, "dataset.json")):
-            return candidate
-    raise FileNotFoundError(
-        f"no dataset.json in {source} or {source}/dataset: run the emit stage first "
-        "(laionface run CONFIG --stages emit)"
+def _read_meta(dataset_url: str) -> tuple[dict | None, list[str]]:
+    """The folder's dataset.json, or the problem that stops the check."""
+    try:
+        return storage.read_json(storage.join(dataset_url, contract.DATASET_JSON)), []
+    except FileNotFoundError:
+        return None, [
+            f"{dataset_url}/{contract.DATASET_JSON}: missing, so this is not a complete dataset "
+            "(emit or publish did not finish, or the path is wrong)"
+        ]
+    except ValueError as exc:
+        return None, [f"{contract.DATASET_JSON}: not valid JSON ({exc})"]
+
+
+def _listing_problems(dataset_url: str, meta: dict) -> list[str]:
+    """The folder's files against dataset.json's list, and that list against the contract."""
+    problems = []
+    files = meta["files"]
+    listing = file_sizes(dataset_url)
+    for name in sorted(listing):
+        if name.startswith(storage.TEMP_PREFIX):
+            problems.append(f"{name}: a leftover partial write; delete it")
+        elif name not in files and name != contract.DATASET_JSON:
+            problems.append(f"{name}: not listed in dataset.json")
+    for name in sorted(files):
+        if name not in listing:
+            problems.append(f"{name}: listed in dataset.json but missing")
+    expected_names = contract.expected_files(meta)
+    for name in expected_names:
+        if name not in files:
+            problems.append(f"dataset.json: does not list {name}")
+    for name in sorted(set(files) - set(expected_names)):
+        problems.append(
+            f"dataset.json: lists {name}, which is not part of a {meta['mode']} dataset"
+        )
+    return problems
+
+
+def _verify_copy_mode(
+    dataset_url: str, meta: dict, names: list[str], check_images: bool, max_pixels: int, workers
+) -> list[str]:
+    files = meta["files"]
+    checked = _map(
+        lambda n: _check_copy_shard(dataset_url, n, files, check_images, max_pixels),
+        names,
+        workers,
     )
+    results = dict(zip(names, checked, strict=True))
+    problems = [line for name in names for line in results[name].problems]
+    present = {n: r for n, r in results.items() if r.tar}
+    problems += _shape_problems(meta, {n: r.samples for n, r in present.items()}, "tar")
+    problems += _unique_key_problems({n: r.keys for n, r in present.items()}, "tar")
+    problems += _check_indexes(dataset_url, meta, results)
+    locations = {k: v for r in results.values() for k, v in r.locations.items()}
+    return problems + _check_manifest(dataset_url, meta, locations)[0]
 
 
 def verify(
@@ -779,69 +559,41 @@ def verify(
     """
     dataset_url = path.rstrip("/")
     workers = workers or min(8, os.cpu_count() or 1)
-    if expected is None:
-        try:
-            meta = storage.read_json(storage.join(dataset_url, "dataset.json"))
-        except FileNotFoundError:
-            return [
-                f"{dataset_url}/dataset.json: missing, so this is not a complete dataset "
-                "(emit or publish did not finish, or the path is wrong)"
-            ]
-        except ValueError as exc:
-            return [f"dataset.json: not valid JSON ({exc})"]
-    else:
-        meta = expected
-    problems = schema_problems(meta, DATASET_JSON_SCHEMA, "dataset.json")
+    meta, problems = (expected, []) if expected is not None else _read_meta(dataset_url)
+    if meta is None:
+        return problems
+    problems = schema_problems(meta, DATASET_JSON_SCHEMA, contract.DATASET_JSON)
     if problems:
         return problems
-
-    files = meta["files"]
-    listing = file_sizes(dataset_url)
-    for name in sorted(listing):
-        if name.startswith(storage.TEMP_PREFIX):
-            problems.append(f"{name}: a leftover partial write; delete it")
-        elif name not in files and name != "dataset.json":
-            problems.append(f"{name}: not listed in dataset.json")
-    for name in sorted(files):
-        if name not in listing:
-            problems.append(f"{name}: listed in dataset.json but missing")
-    expected_names = _expected_names(meta)
-    for name in expected_names:
-        if name not in files:
-            problems.append(f"dataset.json: does not list {name}")
-    for name in sorted(set(files) - set(expected_names)):
-        problems.append(
-            f"dataset.json: lists {name}, which is not part of a {meta['mode']} dataset"
-        )
-
-    names = [shard_name(i) for i in range(meta["counts"]["shards"])]
+    problems = _listing_problems(dataset_url, meta)
+    names = contract.shard_names(meta["counts"]["shards"])
     if meta["mode"] == "copy":
-        results = dict(
-            zip(
-                names,
-                _map(
-                    lambda n: _check_copy_shard(
-                        dataset_url, n, files, check_images, max_image_pixels
-                    ),
-                    names,
-                    workers,
-                ),
-                strict=True,
-            )
+        return problems + _verify_copy_mode(
+            dataset_url, meta, names, check_images, max_image_pixels, workers
         )
-        for name in names:
-            problems += results[name].problems
-        present = {n: r for n, r in results.items() if r.tar}
-        problems += _shape_problems(meta, {n: r.samples for n, r in present.items()}, "tar")
-        problems += _unique_key_problems({n: r.keys for n, r in present.items()}, "tar")
-        problems += _check_indexes(dataset_url, meta, results)
-        locations = {k: v for r in results.values() for k, v in r.locations.items()}
-        problems += _check_manifest(dataset_url, meta, locations)[0]
-    else:
-        problems += _verify_manifest_mode(
-            dataset_url, meta, names, source_root, check_images, max_image_pixels, workers
+    return problems + _verify_manifest_mode(
+        dataset_url, meta, names, source_root, check_images, max_image_pixels, workers
+    )
+
+
+def _read_shard_rows(dataset_url: str, meta: dict, names: list[str]) -> tuple[dict, list[str]]:
+    """{shard: rows} of the shard parquets that could be read, and the problems found."""
+    problems: list[str] = []
+    rows_by_shard: dict[str, list[dict]] = {}
+    for name in names:
+        parquet = contract.parquet_name(name)
+        shard_problems = _Problems(parquet)
+        rows = _read_shard_parquet(
+            storage.join(dataset_url, parquet), meta["files"].get(parquet), shard_problems
         )
-    return problems
+        problems += shard_problems.lines()
+        if rows is not None:
+            rows_by_shard[name] = rows
+    problems += _shape_problems(meta, {n: len(r) for n, r in rows_by_shard.items()}, "parquet")
+    problems += _unique_key_problems(
+        {n: [r["key"] for r in rows] for n, rows in rows_by_shard.items()}, "parquet"
+    )
+    return rows_by_shard, problems
 
 
 def _verify_manifest_mode(
@@ -853,22 +605,7 @@ def _verify_manifest_mode(
     max_pixels: int,
     workers: int,
 ) -> list[str]:
-    problems: list[str] = []
-    rows_by_shard: dict[str, list[dict]] = {}
-    for name in names:
-        shard_problems = _Problems(f"{name}.parquet")
-        rows = _read_shard_parquet(
-            storage.join(dataset_url, f"{name}.parquet"),
-            meta["files"].get(f"{name}.parquet"),
-            shard_problems,
-        )
-        problems += shard_problems.lines()
-        if rows is not None:
-            rows_by_shard[name] = rows
-    problems += _shape_problems(meta, {n: len(r) for n, r in rows_by_shard.items()}, "parquet")
-    problems += _unique_key_problems(
-        {n: [r["key"] for r in rows] for n, rows in rows_by_shard.items()}, "parquet"
-    )
+    rows_by_shard, problems = _read_shard_rows(dataset_url, meta, names)
     manifest_problems, manifest = _check_manifest(dataset_url, meta, {})
     problems += manifest_problems
     by_tar: dict[str, list[dict]] = {}
@@ -879,16 +616,16 @@ def _verify_manifest_mode(
     for name, rows in rows_by_shard.items():
         if [r["key"] for r in rows] != manifest_keys.get(name, []):
             problems.append(
-                f"{name}.parquet: its keys differ from manifest.parquet's rows for shard {name}"
+                f"{contract.parquet_name(name)}: its keys differ from manifest.parquet's rows for"
+                f" shard {name}"
             )
     root = source_root or meta["source_root"]
     sources = meta["sources"]
     for tar in sorted(set(sources) - set(by_tar)):
         problems.append(f"dataset.json: sources lists {tar}, which no manifest row points into")
-    tars = sorted(by_tar)
     results = _map(
         lambda t: _check_raw_tar(root, t, sources.get(t), by_tar[t], check_images, max_pixels),
-        tars,
+        sorted(by_tar),
         workers,
     )
     digests = {}
@@ -899,5 +636,7 @@ def _verify_manifest_mode(
         for row in rows:
             actual = digests.get(row["key"], {}).get("sha256")
             if actual is not None and actual != row["sha256"]:
-                problems.append(f"{name}.parquet: key {row['key']}: sha256 differs from the image")
+                problems.append(
+                    f"{contract.parquet_name(name)}: key {row['key']}: sha256 differs from the image"
+                )
     return problems

@@ -18,7 +18,6 @@ from laionface.config import load_config
 from laionface.demo.corpus import DEMO_HOST, build_corpus
 from laionface.demo.imageserver import ImageServer
 from laionface.engine.pipeline import run_pipeline
-from laionface.io import storage
 
 log = logging.getLogger("laionface")
 
@@ -56,7 +55,7 @@ def run_demo(
     run_url = run.url
     report = write_report(run_url)
     print(f"demo finished: run folder {run_url}")
-    print(f"  dataset: {storage.join(run_url, 'dataset')}  (check it: laionface verify)")
+    print(f"  dataset: {run.layout.dataset}  (check it: laionface verify)")
     print(f"  report:  {report}")
     print(f"  funnel:  laionface stats {run_url}")
     return run_url

@@ -86,8 +86,35 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from laionface.demo.imageserver import DEMO_HOST, HTML_PAGE, truncated_body
 from laionface.io import storage
-from laionface.io.schemas import DEMO_TRUTH as TRUTH_SCHEMA
 from laionface.io.schemas import LAION_METADATA
+
+# A face box without score or landmarks (ground truth).
+BOX = pa.struct(
+    [("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())]
+)
+
+# truth.parquet: what each metadata row really is.
+TRUTH_SCHEMA = pa.schema(
+    [
+        ("SAMPLE_ID", pa.int64()),
+        ("URL", pa.string()),
+        ("case", pa.string()),
+        ("expected_status", pa.string()),
+        ("path", pa.string()),
+        ("file", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("layout", pa.string()),
+        ("n_faces", pa.int32()),
+        ("faces", pa.list_(BOX)),
+        ("dup_group", pa.int32()),
+        ("dup_kind", pa.string()),
+        ("wh_swapped", pa.bool_()),
+        ("sources", pa.list_(pa.string())),
+    ]
+)
 
 __all__ = ["DEMO_HOST", "Corpus", "CorpusError", "TRUTH_SCHEMA", "build_corpus"]
 

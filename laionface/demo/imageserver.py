@@ -21,8 +21,8 @@ Routes (`<file>` is one file name in the corpus's `images/` folder; a query stri
     anything else            404
 
 GET and HEAD are answered alike (HEAD without the body), always with a Content-Length, over
-HTTP/1.1 keep-alive. File bytes are read once and served from memory. Nothing is logged to stderr:
-`request_count(path)` and `requests` say what was asked for.
+HTTP/1.1 keep-alive. File bytes are read once and served from memory. Nothing is logged to stderr;
+`on_request(path)`, when given, is called with the path of every request.
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ import collections
 import http.server
 import socketserver
 import threading
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -73,13 +70,19 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a handler asleep in /slow/ must never keep a process alive
     request_queue_size = 1024  # the default of 5 drops connections under a 100-thread downloader
 
-    def __init__(self, address: tuple[str, int], images_dir: Path, slow_seconds: float) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        images_dir: Path,
+        slow_seconds: float,
+        on_request: Callable[[str], None] | None,
+    ) -> None:
         self.files = {p.name: p for p in images_dir.iterdir() if p.is_file()}
         self.cache: dict[str, bytes] = {}
         self.slow_seconds = slow_seconds
+        self.on_request = on_request
         self.stopping = threading.Event()
         self.lock = threading.Lock()
-        self.counts: collections.Counter[str] = collections.Counter()
         self.flaky_served: collections.Counter[str] = collections.Counter()
         self.errors = 0
         super().__init__(address, _Handler)
@@ -124,8 +127,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, send_body: bool) -> None:
         path = url_path(self.path)
-        with self.server.lock:
-            self.server.counts[path] += 1
+        if self.server.on_request is not None:
+            self.server.on_request(path)
         try:
             status, headers, body = self._route(path)
         except _Abandon:
@@ -211,6 +214,7 @@ class ImageServer:
         slow_seconds: float = 3.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
         self.images_dir = Path(corpus_dir) / "images"
         if not self.images_dir.is_dir():
@@ -221,6 +225,7 @@ class ImageServer:
         if slow_seconds <= 0:
             raise ValueError(f"slow_seconds must be > 0, got {slow_seconds}")
         self.slow_seconds = slow_seconds
+        self.on_request = on_request
         self._address = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -228,7 +233,7 @@ class ImageServer:
     def start(self) -> ImageServer:
         if self._server is not None:
             raise RuntimeError("the image server is already running")
-        self._server = _Server(self._address, self.images_dir, self.slow_seconds)
+        self._server = _Server(self._address, self.images_dir, self.slow_seconds, self.on_request)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -288,56 +293,11 @@ class ImageServer:
         query = f"?{parts.query}" if parts.query else ""
         return f"{self.base_url}{parts.path or '/'}{query}"
 
-    def request_count(self, path_or_url: str) -> int:
-        """How many requests (any method) this server answered or began for that path."""
-        server = self._running()
-        with server.lock:
-            return server.counts[url_path(path_or_url)]
-
-    @property
-    def requests(self) -> dict[str, int]:
-        """A snapshot of request counts per path."""
-        server = self._running()
-        with server.lock:
-            return dict(server.counts)
-
     def reset(self) -> None:
-        """Forget request counts and the `/flaky/` attempts, as a freshly started server."""
+        """Forget the `/flaky/` attempts, as a freshly started server."""
         server = self._running()
         with server.lock:
-            server.counts.clear()
             server.flaky_served.clear()
-
-
-def measure_rate(server: ImageServer, n: int = 2000, threads: int = 16) -> dict[str, float]:
-    """Fetch `n` images from `server` with `threads` urllib clients (see `fetch_rate`)."""
-    names = sorted(
-        name for name in server._running().files if Path(name).suffix.lower() in CONTENT_TYPES
-    )
-    if not names:
-        raise ValueError(f"{server.images_dir} holds no images to fetch")
-    urls = [f"{server.base_url}/img/{names[i % len(names)]}" for i in range(n)]
-    return fetch_rate(urls, threads)
-
-
-def fetch_rate(urls: list[str], threads: int = 16) -> dict[str, float]:
-    """Fetch every URL with `threads` urllib clients, one connection per request (like
-    img2dataset's urllib downloads); requests/s and MB/s."""
-
-    def fetch(url: str) -> int:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return len(response.read())
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        total_bytes = sum(pool.map(fetch, urls))
-    seconds = time.perf_counter() - start
-    return {
-        "requests": float(len(urls)),
-        "seconds": seconds,
-        "requests_per_s": len(urls) / seconds,
-        "mb_per_s": total_bytes / seconds / 1e6,
-    }
 
 
 def serve_forever(corpus_dir: str | Path, port: int = 8000, slow_seconds: float = 3.0) -> None:
@@ -354,23 +314,13 @@ def serve_forever(corpus_dir: str | Path, port: int = 8000, slow_seconds: float 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m laionface.demo.imageserver",
-        description="Serve a demo corpus folder on 127.0.0.1, or measure how fast it serves.",
+        description="Serve a demo corpus folder on 127.0.0.1.",
     )
-    parser.add_argument("corpus_dir", help="a folder written by laionface.corpus.build_corpus")
+    parser.add_argument("corpus_dir", help="a folder written by laionface.demo.corpus.build_corpus")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--slow-seconds", type=float, default=3.0)
-    parser.add_argument("--measure", type=int, metavar="N", help="fetch N images, print the rate")
-    parser.add_argument("--threads", type=int, default=16, help="client threads for --measure")
     args = parser.parse_args(argv)
-    if args.measure:
-        with ImageServer(args.corpus_dir, port=0, slow_seconds=args.slow_seconds) as server:
-            rate = measure_rate(server, args.measure, args.threads)
-        print(
-            f"{rate['requests']:.0f} requests in {rate['seconds']:.2f} s: "
-            f"{rate['requests_per_s']:.0f} requests/s, {rate['mb_per_s']:.1f} MB/s"
-        )
-    else:
-        serve_forever(args.corpus_dir, args.port, args.slow_seconds)
+    serve_forever(args.corpus_dir, args.port, args.slow_seconds)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,51 @@
 """Maps a stage's plain per-shard function over shards on a dask.distributed cluster.
 
-The executor is kept apart from the stages (as in datatrove): a stage module only knows its own
-per-shard function and which shards exist; this module decides where they run, skips shards that
-are already complete, retries failures, records the ones that still fail, and shows progress.
-
-Completion is recorded per shard by a marker `{run}/{step}/_done/{shard}.json`, written on the
-worker after the shard's outputs are in place. A marker carries the fingerprint of the settings the
-shard was made with (config.fingerprint), so a changed setting redoes exactly the affected shards.
+The executor is kept apart from the stages (as in datatrove): a stage only knows its per-shard
+function, the shards it has and which files each reads and writes (`ShardTask`); this module
+decides where they run, skips shards that are still complete (`engine.markers`: settings, input
+versions and outputs unchanged), retries failures, records the ones that still fail, and shows
+progress. A shard function is a plain, picklable function of keyword arguments that returns
+JSON-able stats ("items" feeds the progress rate); it writes its outputs atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import logging
-import os
-import platform
-import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from laionface.config import Config
+from laionface.engine import markers
+from laionface.engine.runfolder import RunFolder
 from laionface.io import storage
+from laionface.layout import RunLayout
+
+if TYPE_CHECKING:
+    from laionface.config import Config
+    from laionface.engine.stage import Stage
 
 log = logging.getLogger("laionface")
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One unit of work: `fn(**kwargs)` makes shard `shard` of a step."""
+    """One unit of work: `fn(**kwargs)` makes shard `shard` of a step.
+
+    inputs: the files it reads (a new version of any redoes it); outputs: the files it writes
+    (one missing or changed since redoes it); token: a digest of anything else it reads that is
+    not a whole file, such as its slice of a plan.
+    """
 
     shard: str
     kwargs: dict[str, Any]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    token: str = ""
 
 
 class StageFailed(RuntimeError):
@@ -54,90 +62,35 @@ class StageFailed(RuntimeError):
         )
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def software_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("laionface", "dask", "distributed", "pyarrow", "torch", "img2dataset", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-class RunFolder:
-    """A run's folder on any fsspec URL; `run.json` holds config, versions and stage status.
-
-    Only the driver writes run.json (workers write shard outputs and markers), so updates need no
-    locking.
-    """
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.state: dict[str, Any] = {}
-        if storage.exists(self.path("run.json")):
-            self.state = storage.read_json(self.path("run.json"))
-
-    def path(self, *parts: str) -> str:
-        return storage.join(self.url, *parts)
-
-    def start(self, config: Config) -> None:
-        """Record the resolved config (also as its own file) and the software versions."""
-        storage.makedirs(self.url)
-        self.state.setdefault("created", now_iso())
-        self.state["config"] = config.resolved()
-        self.state["versions"] = software_versions()
-        self.state.setdefault("stages", {})
-        storage.write_json(self.path("config.json"), config.resolved())
-        self.save()
-
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.state.setdefault("stages", {}).setdefault(name, {})
-
-    def save(self) -> None:
-        storage.write_json(self.path("run.json"), self.state)
-
-
-def _run_shard(fn: Callable[..., dict], kwargs: dict, marker_url: str, fingerprint: str) -> dict:
-    """Runs on a worker: make the shard, then mark it complete."""
+def _run_shard(
+    fn: Callable[..., dict],
+    kwargs: dict,
+    marker_url: str,
+    run_url: str,
+    fingerprint: str,
+    settings_fp: str,
+    inputs: dict[str, str | None],
+    outputs: tuple[str, ...],
+) -> dict:
+    """Runs on a worker: make the shard, then mark it complete with its outputs' versions."""
     started = time.perf_counter()
     stats = dict(fn(**kwargs) or {})
     stats.setdefault("items", 0)
     stats["seconds"] = round(time.perf_counter() - started, 3)
-    storage.write_json(
+    layout = RunLayout(run_url)
+    made = markers.named_versions(layout, outputs, storage.file_versions(outputs))
+    missing = [name for name, version in made.items() if version is None]
+    if missing:
+        raise RuntimeError(f"the shard function did not write {', '.join(missing)}")
+    markers.write_marker(
         marker_url,
-        {
-            "fingerprint": fingerprint,
-            "stats": stats,
-            "finished": now_iso(),
-            "worker": f"{socket.gethostname()}:{os.getpid()}",
-        },
+        fingerprint=fingerprint,
+        settings_fp=settings_fp,
+        inputs=inputs,
+        outputs=made,
+        stats=stats,
     )
     return stats
-
-
-def read_markers(marker_dir: str) -> dict[str, dict]:
-    """{shard: marker} of the completion markers in `marker_dir` (empty if none)."""
-    fs, path = storage.fs_for(marker_dir)
-    if not fs.exists(path):
-        return {}
-    names = [p for p in fs.ls(path, detail=False) if p.endswith(".json")]
-    names = [p for p in names if not os.path.basename(p).startswith(storage.TEMP_PREFIX)]
-    if not names:
-        return {}
-    import json
-
-    blobs = fs.cat(names)
-    out = {}
-    for name, blob in blobs.items():
-        with contextlib.suppress(ValueError):
-            out[os.path.basename(name)[: -len(".json")]] = json.loads(blob)
-    return out
 
 
 def _require_resources(client: Any, resources: dict[str, float], step: str) -> None:
@@ -160,8 +113,17 @@ def _require_resources(client: Any, resources: dict[str, float], step: str) -> N
 
 
 @dataclass
+class _Pending:
+    """A task to run, with what its marker will record."""
+
+    task: ShardTask
+    fingerprint: str
+    inputs: dict[str, str | None]
+
+
+@dataclass
 class StageContext:
-    """What a stage's `run(ctx)` gets: the config, the run folder and a way to map shards."""
+    """What a stage's `run(ctx)` gets: the config, the run folder, the cluster, its declaration."""
 
     config: Config
     run: RunFolder
@@ -169,10 +131,21 @@ class StageContext:
     progress: bool = True
     # Command-line switches a stage may read, e.g. {"retry_failed": True}.
     options: dict[str, Any] = field(default_factory=dict)
+    stage: Stage | None = None
     failures: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> RunLayout:
+        return self.run.layout
 
     def path(self, *parts: str) -> str:
         return self.run.path(*parts)
+
+    def settings(self) -> dict[str, Any]:
+        """The current stage's declared settings (see Stage.settings_of)."""
+        if self.stage is None:
+            raise RuntimeError("no stage declared: pass settings= to map_shards")
+        return self.stage.settings_of(self.config)
 
     def run_once(self, fn: Callable[..., Any], *args: Any, resources: dict | None = None) -> Any:
         """`fn(*args)` on one worker (one that offers `resources`), without retries: a pre-flight
@@ -187,44 +160,137 @@ class StageContext:
         fn: Callable[..., dict],
         tasks: list[ShardTask],
         *,
-        fingerprint: str = "",
+        settings: Any = None,
         resources: dict[str, float] | None = None,
         unit: str = "items",
+        local: bool = False,
     ) -> dict[str, dict]:
-        """Run `fn(**task.kwargs)` for every task not already complete under `fingerprint`.
+        """Run `fn(**task.kwargs)` for every task whose marker is not current.
 
-        Returns the stats of every complete shard (earlier runs included). Shards that still fail
-        after `cluster.retries` retries are recorded and raised as StageFailed once all others
-        have finished.
+        settings: JSON-able values that shape the output (default: the stage's declared
+        settings); resources: Dask resources each task needs (default: the stage's). Returns the
+        stats of every complete shard (earlier runs included). Shards that still fail after
+        `cluster.retries` retries are recorded and raised as StageFailed once all others
+        have finished. local: run the tasks here, one after the other, without retries, their
+        errors raised as they are: for a step whose errors are the user's to fix at once.
         """
-        from distributed import as_completed
+        settings_fp = markers.digest(self.settings() if settings is None else settings)
+        if resources is None and self.stage is not None:
+            resources = self.stage.resources(self.config)
+        done, todo = self._plan(step, tasks, settings_fp)
+        status = self._started(step, len(tasks), len(done), settings_fp)
+        started = time.perf_counter()
+        if local:
+            failures, items = {}, self._run_here(step, fn, todo, settings_fp, done)
+        else:
+            if todo and resources:
+                _require_resources(self.client, resources, step)
+            failures, items = self._submit(step, fn, todo, settings_fp, resources, done, unit)
+        self._finished(step, status, done, failures, time.perf_counter() - started)
+        log.info(
+            "%s: %d/%d shards complete (%d skipped as already done), %d %s in %.1f s%s",
+            step,
+            len(done),
+            len(tasks),
+            len(tasks) - len(todo),
+            items,
+            unit,
+            time.perf_counter() - started,
+            f", {len(failures)} FAILED" if failures else "",
+        )
+        if failures:
+            self.failures[step] = failures
+            raise StageFailed(step, failures)
+        return done
 
-        marker_dir = self.path(step, "_done")
-        markers = read_markers(marker_dir)
+    def _plan(
+        self, step: str, tasks: list[ShardTask], settings_fp: str
+    ) -> tuple[dict[str, dict], list[_Pending]]:
+        """The stats of the tasks still complete, and the tasks to run."""
+        found = markers.read_markers(self.layout.markers(step))
+        versions = storage.file_versions(
+            url for task in tasks for url in (*task.inputs, *task.outputs)
+        )
         done: dict[str, dict] = {}
-        todo: list[ShardTask] = []
+        todo: list[_Pending] = []
         for task in tasks:
-            marker = markers.get(task.shard)
-            if marker is not None and marker.get("fingerprint") == fingerprint:
+            inputs = markers.named_versions(self.layout, task.inputs, versions)
+            fingerprint = markers.fingerprint(settings_fp, inputs, task.token)
+            outputs = markers.named_versions(self.layout, task.outputs, versions)
+            marker = found.get(task.shard)
+            if markers.is_current(marker, fingerprint, outputs):
                 done[task.shard] = marker["stats"]
             else:
-                todo.append(task)
+                todo.append(_Pending(task, fingerprint, inputs))
+        return done, todo
 
+    def _started(self, step: str, total: int, skipped: int, settings_fp: str) -> dict:
         status = self.run.stage(step)
         status.update(
             status="running",
-            started=now_iso(),
-            shards_total=len(tasks),
-            shards_skipped=len(done),
-            fingerprint=fingerprint,
+            started=markers.now_iso(),
+            shards_total=total,
+            shards_skipped=skipped,
+            fingerprint=settings_fp,
         )
         status.pop("failed", None)
         self.run.save()
-        started = time.perf_counter()
-        failures: dict[str, str] = {}
+        return status
+
+    def _run_here(
+        self, step: str, fn: Callable[..., dict], todo: list[_Pending], settings_fp: str, done: dict
+    ) -> int:
         items = 0
+        for pending in todo:
+            task = pending.task
+            marker = self.layout.marker(step, task.shard)
+            done[task.shard] = _run_shard(
+                fn,
+                task.kwargs,
+                marker,
+                self.run.url,
+                pending.fingerprint,
+                settings_fp,
+                pending.inputs,
+                task.outputs,
+            )
+            items += int(done[task.shard].get("items", 0))
+        return items
+
+    def _submit(
+        self,
+        step: str,
+        fn: Callable[..., dict],
+        todo: list[_Pending],
+        settings_fp: str,
+        resources: dict[str, float] | None,
+        done: dict[str, dict],
+        unit: str,
+    ) -> tuple[dict[str, str], int]:
+        """Run the tasks; fill `done` with their stats; returns (failures, items made)."""
+        from distributed import as_completed
+
+        futures = {}
+        for pending in todo:
+            task = pending.task
+            future = self.client.submit(
+                _run_shard,
+                fn,
+                task.kwargs,
+                self.layout.marker(step, task.shard),
+                self.run.url,
+                pending.fingerprint,
+                settings_fp,
+                pending.inputs,
+                task.outputs,
+                key=f"{step}-{task.shard}-{pending.fingerprint}-{time.time_ns()}",
+                retries=self.config.cluster.retries,
+                resources=resources,
+                pure=False,
+            )
+            futures[future] = task.shard
         bar = tqdm(
-            total=len(tasks),
+            total=len(todo) + len(done),
             initial=len(done),
             desc=step,
             unit="shard",
@@ -232,22 +298,9 @@ class StageContext:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        if todo and resources:
-            _require_resources(self.client, resources, step)
-        futures = {}
-        for task in todo:
-            future = self.client.submit(
-                _run_shard,
-                fn,
-                task.kwargs,
-                storage.join(marker_dir, f"{task.shard}.json"),
-                fingerprint,
-                key=f"{step}-{task.shard}-{fingerprint}-{time.time_ns()}",
-                retries=self.config.cluster.retries,
-                resources=resources,
-                pure=False,
-            )
-            futures[future] = task.shard
+        failures: dict[str, str] = {}
+        items = 0
+        started = time.perf_counter()
         for future in as_completed(list(futures)):
             shard = futures[future]
             try:
@@ -262,102 +315,18 @@ class StageContext:
             bar.set_postfix_str(f"{items / elapsed:,.1f} {unit}/s", refresh=False)
             bar.update(1)
         bar.close()
+        return failures, items
 
-        elapsed = time.perf_counter() - started
+    def _finished(
+        self, step: str, status: dict, done: dict, failures: dict, seconds: float
+    ) -> None:
         status.update(
             status="failed" if failures else "done",
-            finished=now_iso(),
-            seconds=round(elapsed, 3),
+            finished=markers.now_iso(),
+            seconds=round(seconds, 3),
             shards_done=len(done),
             items=sum(int(s.get("items", 0)) for s in done.values()),
         )
         if failures:
             status["failed"] = failures
         self.run.save()
-        log.info(
-            "%s: %d/%d shards complete (%d skipped as already done), %d %s in %.1f s%s",
-            step,
-            len(done),
-            len(tasks),
-            len(tasks) - len(todo),
-            items,
-            unit,
-            elapsed,
-            f", {len(failures)} FAILED" if failures else "",
-        )
-        if failures:
-            self.failures[step] = failures
-            raise StageFailed(step, failures)
-        return done
-
-
-# Imported once in a fork server that every LocalCluster worker forks from, as img2dataset's
-# own processes fork after one import: spawned workers each paid ~3 s of CPU importing
-# img2dataset and torch (benchmarks/bench_download.py). Besides these, what the stages a command
-# runs need (`open_client(preload=pipeline.worker_preload(stages))`): a metadata-only run's
-# workers then hold neither torch nor img2dataset (~250 MB each).
-WORKER_PRELOAD = ("distributed", "numpy", "pyarrow", "pandas")
-
-
-def _preload_worker_imports(modules: Iterable[str]) -> None:
-    import dask
-    from distributed.utils import get_mp_context
-
-    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
-    # get_mp_context sets Dask's own preload list the first time; ours replaces it.
-    get_mp_context().set_forkserver_preload([*WORKER_PRELOAD, *modules])
-
-
-@contextlib.contextmanager
-def open_client(
-    config: Config,
-    run_url: str,
-    scheduler: str = "",
-    workers: int | None = None,
-    preload: Iterable[str] | None = None,
-) -> Iterator[Any]:
-    """A client for `--scheduler ADDRESS` / `cluster.scheduler`, or a LocalCluster sized from config.
-
-    `preload`: the modules a LocalCluster's worker processes import before they start (None:
-    every stage's).
-    """
-    from distributed import Client, LocalCluster
-
-    address = scheduler or config.cluster.scheduler
-    if address:
-        # A path to a JSON file is a scheduler file (`dask scheduler --scheduler-file`, HPC use).
-        target = {"scheduler_file": address} if address.endswith(".json") else {"address": address}
-        with Client(**target) as client:
-            log.info(
-                "connected to Dask scheduler %s (dashboard: %s)", address, client.dashboard_link
-            )
-            yield client
-        return
-    # memory:// exists only inside this process, so its workers must be threads here.
-    processes = not storage.is_process_local(run_url)
-    dashboard = bool(config.cluster.dashboard_address)
-    if processes:
-        if preload is None:
-            from laionface.engine.pipeline import (  # pipeline imports us
-                STAGE_MODULES,
-                worker_preload,
-            )
-
-            preload = worker_preload(STAGE_MODULES)
-        _preload_worker_imports(preload)
-    cluster = LocalCluster(
-        n_workers=workers or config.cluster.workers,
-        threads_per_worker=config.cluster.threads_per_worker,
-        processes=processes,
-        memory_limit=config.cluster.memory_limit,
-        # The scheduler keeps an HTTP server (health checks) even without a dashboard; a free
-        # port stops it from fighting over :8787 with other clusters on the machine.
-        dashboard_address=config.cluster.dashboard_address or ":0",
-        scheduler_kwargs={"dashboard": dashboard},
-        # Task errors reach the user through StageFailed, once, with the shard named.
-        silence_logs=logging.CRITICAL,
-    )
-    with cluster, Client(cluster) as client:
-        if dashboard:
-            log.info("Dask dashboard: %s", client.dashboard_link)
-        yield client

@@ -55,7 +55,7 @@ class Decoded:
     pixels: np.ndarray | None  # RGB uint8 (h, w, 3), upright, longest side <= max_size
     width: int  # full-resolution upright size (as stored when refused as too large); 0: unknown
     height: int
-    phash: int | None  # 64-bit pHash as an unsigned int (see phash_to_int64 for storage)
+    phash: int | None  # 64-bit pHash as an unsigned int
     phash_exact: bool  # True: hashed from full-resolution pixels, equal to imagehash's phash
     error: str | None
 
@@ -105,21 +105,6 @@ def phash_image(image: Image.Image) -> int:
 def phash_to_hex(value: int) -> str:
     """16 hex digits, the same text as `str(imagehash.phash(...))`."""
     return f"{value % _UINT64:016x}"
-
-
-def phash_from_hex(text: str) -> int:
-    return int(text, 16)
-
-
-def phash_to_int64(value: int) -> int:
-    """The same 64 bits as a signed int64 (for stores without uint64)."""
-    value %= _UINT64
-    return value - _UINT64 if value >= 1 << 63 else value
-
-
-def phash_from_int64(value: int) -> int:
-    """Undo `phash_to_int64`: the unsigned value, as written to a uint64 parquet column."""
-    return value % _UINT64
 
 
 def _failed(error: str, width: int = 0, height: int = 0) -> Decoded:

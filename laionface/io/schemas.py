@@ -53,6 +53,31 @@ METADATA_INPUTS = pa.schema(
     ]
 )
 
+# raw/NNNNN.parquet is img2dataset's own parquet plus error_category and retry_of (see
+# stages.download); the latest outcome of every download input row, as the audit and the
+# download stage read them (stages.download.outcomes.latest_outcomes):
+DOWNLOAD_OUTCOMES = pa.schema(
+    [
+        ("input_key", pa.string()),  # key of the row's first attempt (its metadata shard row)
+        ("SAMPLE_ID", pa.int64()),
+        ("URL", pa.string()),
+        ("key", pa.string()),  # key of the latest attempt
+        ("shard", pa.string()),  # raw shard of the latest attempt
+        ("status", pa.string()),
+        ("error_category", pa.string()),
+        ("error_message", pa.string()),
+        ("attempts", pa.int32()),
+    ]
+)
+
+# The metadata scan's parts (stages.metadata.steps): metadata/kept/ID.parquet, the row numbers
+# of an input file slice that pass the filters; metadata/urlhash/ID.parquet, blake2b-128 of each
+# kept URL (sorted, one row group per hash bucket); metadata/dupes/BBBBB.parquet, the rows whose
+# URL an earlier row has (part index in the plan, row number in its input file).
+METADATA_KEPT = pa.schema([("row", pa.int64())])
+URL_HASHES = pa.schema([("h1", pa.uint64()), ("h2", pa.uint64()), ("row", pa.int64())])
+URL_DUPLICATES = pa.schema([("part", pa.int32()), ("row", pa.int64())])
+
 FACE = pa.struct(
     [
         ("x1", pa.float32()),
@@ -155,71 +180,8 @@ REFERENCE_HASHES = pa.schema(
     ]
 )
 
-# dataset/NNNNN.parquet: one row per sample of dataset shard NNNNN, in the tar's order.
-# The same fields as each sample's {key}.json (manifests/README.md documents each one).
-DATASET_SHARD = pa.schema(
-    [
-        ("key", pa.string()),  # the sample's key in the tar (the raw img2dataset key)
-        ("SAMPLE_ID", pa.int64()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("width", pa.int32()),  # of the EXIF-upright image, the frame the boxes are in
-        ("height", pa.int32()),
-        ("LICENSE", pa.string()),
-        ("NSFW", pa.string()),
-        ("similarity", pa.float64()),
-        ("sha256", pa.string()),  # of the image member's bytes
-        ("phash", pa.string()),  # 64-bit pHash as 16 hex digits
-        ("n_faces", pa.int32()),  # faces passing every select rule
-        ("faces", pa.list_(FACE)),  # detections scoring >= select.min_score, pixel coordinates
-        ("raw_shard", pa.string()),  # the raw/NNNNN.tar the sample came from
-    ]
-)
+# The published dataset's files (dataset/NNNNN.parquet, manifest.parquet) are the dataset
+# contract's: laionface.dataset.contract.
 
-# dataset/manifest.parquet: where every sample's members lie, for random access by byte range.
-MANIFEST = pa.schema(
-    [
-        ("key", pa.string()),
-        ("SAMPLE_ID", pa.int64()),
-        ("shard", pa.string()),  # the dataset shard (its NNNNN.parquet holds the sample's row)
-        ("index", pa.int32()),  # row of the sample in that parquet
-        ("tar", pa.string()),  # the tar holding the members (see dataset.json "mode")
-        ("sample_offset", pa.int64()),  # first header of the sample's members
-        ("sample_size", pa.int64()),  # bytes up to the end of its last member's padding
-        ("image_ext", pa.string()),
-        ("image_offset", pa.int64()),  # start of the member's data (after its header)
-        ("image_size", pa.int64()),
-        ("json_offset", pa.int64()),
-        ("json_size", pa.int64()),
-        ("txt_offset", pa.int64()),
-        ("txt_size", pa.int64()),
-    ]
-)
-
-# A face box without score or landmarks (ground truth).
-BOX = pa.struct(
-    [("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32())]
-)
-
-# The demo corpus's truth.parquet (laionface.corpus): what each metadata row really is.
-DEMO_TRUTH = pa.schema(
-    [
-        ("SAMPLE_ID", pa.int64()),
-        ("URL", pa.string()),
-        ("case", pa.string()),
-        ("expected_status", pa.string()),
-        ("path", pa.string()),
-        ("file", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("format", pa.string()),
-        ("layout", pa.string()),
-        ("n_faces", pa.int32()),
-        ("faces", pa.list_(BOX)),
-        ("dup_group", pa.int32()),
-        ("dup_kind", pa.string()),
-        ("wh_swapped", pa.bool_()),
-        ("sources", pa.list_(pa.string())),
-    ]
-)
+# emit/plan.parquet: the published samples in order, one row group per dataset shard.
+EMIT_PLAN = pa.schema([("shard", pa.int32()), ("raw_shard", pa.string()), ("key", pa.string())])

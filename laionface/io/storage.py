@@ -8,12 +8,13 @@ the runner's completion markers (written after the outputs) are what a re-run tr
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -135,3 +136,42 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = fs_for(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+# What tells two versions of a file apart, in the order tried: a content tag where the store has
+# one (S3's ETag, GCS's md5Hash), else a modification time.
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created")
+
+
+def version_of(info: dict[str, Any]) -> str:
+    """A file's version from its listing entry: its size plus its ETag, digest or mtime."""
+    stamp: Any = ""
+    for key in _VERSION_KEYS:
+        if info.get(key):
+            stamp = info[key]
+            break
+    if isinstance(stamp, dt.datetime):
+        stamp = stamp.timestamp()
+    return f"{info.get('size')}:{stamp}"
+
+
+def file_versions(urls: Iterable[str]) -> dict[str, str | None]:
+    """{url: version} of files, None for a missing one; one listing per folder, so asking for
+    every shard of a stage costs a few requests, not one per file."""
+    by_folder: dict[str, list[str]] = {}
+    for url in dict.fromkeys(urls):
+        by_folder.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
+    out: dict[str, str | None] = {}
+    for folder, members in by_folder.items():
+        fs, path = fs_for(folder)
+        listing = {}
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for info in fs.ls(path, detail=True):
+                listing[posixpath.basename(info["name"].rstrip("/"))] = info
+        for url in members:
+            info = listing.get(url.rsplit("/", 1)[-1])
+            if info is None and not listing:  # a store that can't list (http): ask the file
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    info = fs.info(fs_for(url)[1])
+            out[url] = None if info is None or info.get("type") == "directory" else version_of(info)
+    return out

@@ -14,7 +14,7 @@ import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -153,6 +153,18 @@ def iter_members(
                 yield member, data
     except tarfile.TarError as exc:
         raise UnsafeTar(f"{source}: not a readable tar ({exc})") from None
+
+
+def members_of(
+    fileobj: IO[bytes], keys: set[str], *, source: str, read: Callable[[Member], bool]
+) -> Iterator[tuple[Member, bytes | None]]:
+    """(member, data) of the members whose key is one of `keys`, in tar order, in one pass;
+    `data` is read only when `read(member)` is true (None otherwise)."""
+    for member, data in iter_members(
+        fileobj, source=source, wanted=lambda m: m.key in keys and read(m)
+    ):
+        if member.key in keys:
+            yield member, data
 
 
 class TarWriter:

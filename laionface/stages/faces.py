@@ -24,14 +24,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from laionface.config import FacesSection, fingerprint
+from laionface.config import Config, FacesSection
 from laionface.detect.detector import FaceDetector, resolve_device, resolve_engine
 from laionface.detect.weights import resolve_weights
 from laionface.engine.runner import ShardTask, StageContext
+from laionface.engine.stage import Stage
 from laionface.io import schemas, storage, tars
 from laionface.io.imagedecode import Decoded, decode_image
+from laionface.layout import FACES, IMAGE_EXTENSIONS, RAW, shard_of_file
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 DECODE_THREADS = 2
 # On a GPU a window holds several batches: the detector batches only images of one canvas shape,
 # and with mixed sizes one batch of images splits into many small forward passes. On CPU, where
@@ -195,24 +196,39 @@ def run(ctx: StageContext) -> None:
         resolve_weights, section.network, section.weights, resources=section.task_resources()
     )
     tasks = []
-    for tar_url in storage.list_files(ctx.path("raw"), ".tar"):
-        shard = tar_url.rsplit("/", 1)[1][: -len(".tar")]
+    for tar_url in storage.list_files(ctx.layout.raw, ".tar"):
+        shard = shard_of_file(tar_url)
+        parquet_url, out_url = ctx.layout.raw_parquet(shard), ctx.layout.faces(shard)
         tasks.append(
             ShardTask(
                 shard,
                 dict(
                     tar_url=tar_url,
-                    raw_parquet_url=ctx.path("raw", f"{shard}.parquet"),
-                    out_url=ctx.path("faces", f"{shard}.parquet"),
+                    raw_parquet_url=parquet_url,
+                    out_url=out_url,
                     settings=section.model_dump(),
                 ),
+                inputs=(tar_url, parquet_url),
+                outputs=(out_url,),
             )
         )
-    ctx.map_shards(
-        "faces",
-        detect_shard,
-        tasks,
-        fingerprint=fingerprint(ctx.config, "faces"),
-        resources=section.task_resources(),
-        unit="images",
-    )
+    ctx.map_shards("faces", detect_shard, tasks, unit="images")
+
+
+def _task_resources(config: Config) -> dict[str, float] | None:
+    return config.faces.task_resources()
+
+
+STAGE = Stage(
+    name="faces",
+    reads=(RAW,),
+    writes=(FACES,),
+    settings=("faces",),
+    # Where and how fast the detector runs, never what it finds (the weights file is checked
+    # against the checkpoint's sha256 wherever it lies).
+    ignored=frozenset(
+        {"faces.batch_size", "faces.device", "faces.engine", "faces.weights", "faces.resources"}
+    ),
+    resources=_task_resources,
+    run=run,
+)

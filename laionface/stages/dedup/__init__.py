@@ -1,1 +1,6 @@
-"""The dedup stage and its helpers (the multi-index hash search)."""
+"""The dedup stage (stage.py) and its parts: the samples step, reference hashes, the
+multi-index hash search (hashindex.py, search.py) and the decisions (decide.py)."""
+
+from laionface.stages.dedup.stage import STAGE
+
+__all__ = ["STAGE"]

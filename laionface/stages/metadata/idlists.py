@@ -376,11 +376,11 @@ def read_list(url: str, *, id_column: str = "SAMPLE_ID", url_column: str = "URL"
 
 
 def save_list(id_list: IdList, base_url: str) -> None:
-    """Write `{base}.ids.npy` and `{base}.urls.npy` (atomic), what workers load."""
-    for suffix, array in (("ids", id_list.ids), ("urls", id_list.url_hashes)):
+    """Write `saved_files(base_url)` (atomic), what workers load."""
+    for url, array in zip(saved_files(base_url), (id_list.ids, id_list.url_hashes), strict=True):
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-        storage.write_bytes(f"{base_url}.{suffix}.npy", buffer.getvalue())
+        storage.write_bytes(url, buffer.getvalue())
 
 
 def _load_array(url: str) -> np.ndarray:
@@ -391,21 +391,25 @@ def _load_array(url: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
 
 
-# Lists loaded in this process, keyed by (base URL, token); a new token (a list rewritten by a
-# later run) loads again. Few entries: a run has at most an id_list and an exclude_list.
-_LOADED: dict[tuple[str, str], IdList] = {}
+# Lists loaded in this process, keyed by (base URL, version of its IDs file); a list rewritten by
+# a later run loads again. Few entries: a run has at most an id_list and an exclude_list.
+_LOADED: dict[tuple[str, str | None], IdList] = {}
 _MAX_LOADED = 4
 
 
-def load_saved_list(base_url: str, token: str) -> IdList:
-    """The list `save_list` wrote at `base_url`, loaded once per process per token."""
-    key = (base_url, token)
+def saved_files(base_url: str) -> tuple[str, str]:
+    """The two files `save_list` writes for `base_url`: the IDs and the URL hashes."""
+    return f"{base_url}.ids.npy", f"{base_url}.urls.npy"
+
+
+def load_saved_list(base_url: str) -> IdList:
+    """The list `save_list` wrote at `base_url`, loaded once per process per version."""
+    ids_url, urls_url = saved_files(base_url)
+    key = (base_url, storage.file_versions([ids_url])[ids_url])
     cached = _LOADED.get(key)
     if cached is not None:
         return cached
-    loaded = IdList(
-        ids=_load_array(f"{base_url}.ids.npy"), url_hashes=_load_array(f"{base_url}.urls.npy")
-    )
+    loaded = IdList(ids=_load_array(ids_url), url_hashes=_load_array(urls_url))
     while len(_LOADED) >= _MAX_LOADED:
         _LOADED.pop(next(iter(_LOADED)))
     _LOADED[key] = loaded

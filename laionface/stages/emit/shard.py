@@ -1,0 +1,257 @@
+"""One dataset shard, written by a worker: its tar (copy mode), its parquet and manifest rows.
+
+A task reads its slice of emit/plan.parquet (one row group), then for each raw shard in it the
+raw parquet, faces and select rows of its samples and, in one sequential pass, the raw tar's
+members; image bytes are spooled (in memory up to SPOOL_IN_MEMORY_BYTES, then on local disk)
+and copied untouched into the new tar. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from laionface import selection
+from laionface.dataset import contract
+from laionface.io import storage
+from laionface.io.imagedecode import phash_to_hex
+from laionface.io.tars import HashingReader, HashingWriter, Member, TarWriter, members_of
+from laionface.layout import RunLayout, shard_name
+
+# Image members are kept in memory up to this size per shard, then spooled to local disk.
+SPOOL_IN_MEMORY_BYTES = 256 * 1024 * 1024
+
+
+def _is_image(member: Member) -> bool:
+    return contract.is_image_ext(member.ext)
+
+
+class EmitError(RuntimeError):
+    """The stage outputs emit needs are missing or inconsistent; the message says what to run."""
+
+
+def _number_or_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _columns_or_null(table: pa.Table, names: Iterable[str]) -> dict[str, list]:
+    return {
+        name: table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
+        for name in names
+    }
+
+
+def _shard_records(layout: RunLayout, raw_shard: str, keys: list[str], min_score: float) -> dict:
+    """key -> DATASET_SHARD row (sha256 still empty) for `keys` of one raw shard."""
+    wanted = set(keys)
+    raw = storage.read_parquet(layout.raw_parquet(raw_shard))
+    raw = raw.filter(pc.is_in(raw.column("key"), pa.array(keys, pa.string())))
+    raw = raw.filter(pc.equal(raw.column("status"), "success"))
+    raw_cols = _columns_or_null(
+        raw, ["key", "SAMPLE_ID", "url", "caption", "LICENSE", "NSFW", "similarity"]
+    )
+    faces = storage.read_parquet(
+        layout.faces(raw_shard), columns=["key", "width", "height", "phash", "faces"]
+    )
+    selected = storage.read_parquet(layout.select(raw_shard), columns=["key", "n_faces"])
+    faces = faces.filter(pc.is_in(faces.column("key"), pa.array(keys, pa.string())))
+    detections = {row["key"]: row for row in faces.to_pylist()}
+    n_faces = dict(
+        zip(selected.column("key").to_pylist(), selected.column("n_faces").to_pylist(), strict=True)
+    )
+    records = {}
+    for i, key in enumerate(raw_cols["key"]):
+        face_row = detections.get(key)
+        if face_row is None:
+            raise EmitError(
+                f"faces/{raw_shard}.parquet has no row for key {key} although select kept it: "
+                "the faces output is stale; re-run the faces, select, dedup and emit stages"
+            )
+        records[key] = {
+            "key": key,
+            "SAMPLE_ID": raw_cols["SAMPLE_ID"][i],
+            "url": raw_cols["url"][i],
+            "caption": raw_cols["caption"][i] or "",
+            "width": face_row["width"],
+            "height": face_row["height"],
+            "LICENSE": raw_cols["LICENSE"][i],
+            "NSFW": raw_cols["NSFW"][i],
+            "similarity": _number_or_none(raw_cols["similarity"][i]),
+            "sha256": "",
+            "phash": None if face_row["phash"] is None else phash_to_hex(face_row["phash"]),
+            "n_faces": n_faces.get(key, 0),
+            "faces": [f for f in face_row["faces"] or [] if selection.scores(f, min_score)],
+            "raw_shard": raw_shard,
+        }
+    missing = wanted - records.keys()
+    if missing:
+        raise EmitError(
+            f"raw/{raw_shard}.parquet has no successful row for {len(missing)} kept key(s), "
+            f"e.g. {sorted(missing)[0]}: the raw shard changed after the faces stage; re-run "
+            "the faces, select, dedup and emit stages"
+        )
+    return records
+
+
+def _read_plan(plan_url: str, shard: int) -> tuple[list[str], list[str]]:
+    fs, path = storage.fs_for(plan_url)
+    with fs.open(path, "rb") as handle:
+        table = pq.ParquetFile(handle).read_row_group(shard)
+    if pc.any(pc.not_equal(table.column("shard"), shard)).as_py():
+        raise EmitError(f"{plan_url}: row group {shard} is not shard {shard}; re-run emit")
+    return table.column("raw_shard").to_pylist(), table.column("key").to_pylist()
+
+
+def _groups(raw_shards: list[str], keys: list[str]) -> dict[str, list[str]]:
+    """raw shard -> its keys, in plan order (a raw shard's keys are contiguous in the plan)."""
+    out: dict[str, list[str]] = {}
+    for raw_shard, key in zip(raw_shards, keys, strict=True):
+        out.setdefault(raw_shard, []).append(key)
+    return out
+
+
+def _raw_tar(layout: RunLayout, raw_shard: str) -> tuple[str, str]:
+    url = layout.raw_tar(raw_shard)
+    if not storage.exists(url):
+        raise EmitError(f"{url} is missing: emit reads the images from the download stage's tars")
+    return layout.relative(url), url
+
+
+def _sample_members(layout: RunLayout, raw_shard: str, keys: list[str], keep_images: bool, sink):
+    """Stream raw/{raw_shard}.tar once; returns (its path in the run, found, its size/sha256).
+
+    found: {key: {"image" | "json" | "txt": (member, image sha256, spooled)}}; with keep_images
+    each wanted image's bytes are appended to `sink` and spooled is their (offset, size) there.
+    """
+    relative, url = _raw_tar(layout, raw_shard)
+    wanted = set(keys)
+    found: dict[str, dict[str, Any]] = {}
+    fs, path = storage.fs_for(url)
+    with fs.open(path, "rb") as handle:
+        reader = HashingReader(handle)
+        for member, data in members_of(reader, wanted, source=url, read=_is_image):
+            slots = found.setdefault(member.key, {})
+            kind = contract.member_kind(member.ext)
+            if kind in slots:
+                raise EmitError(f"{url}: key {member.key} has two {kind} members")
+            if data is None:
+                slots[kind] = (member, None, None)
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            spooled = None
+            if keep_images:
+                spooled = (sink.tell(), len(data))
+                sink.write(data)
+            slots[kind] = (member, digest, spooled)
+        reader.drain()
+    for key in keys:
+        if "image" not in found.get(key, {}):
+            raise EmitError(
+                f"{url} has no image member for key {key} although select kept it: the raw "
+                "shard changed after the faces stage; re-run faces, select, dedup and emit"
+            )
+    source = {"sha256": reader.sha256.hexdigest(), "size": reader.size}
+    return relative, found, source
+
+
+def _write_copy_shard(dataset_url: str, name: str, rows: list[dict], members: dict, spool):
+    """NNNNN.tar and the manifest rows for it; returns (manifest rows, tar file entry)."""
+    manifest = []
+    tar_name = contract.tar_name(name)
+    with storage.atomic_open(storage.join(dataset_url, tar_name), "wb") as handle:
+        writer = HashingWriter(handle)
+        tar = TarWriter(writer)
+        for index, row in enumerate(rows):
+            key = row["key"]
+            image, _, (spool_offset, size) = members[key]["image"]
+            spool.seek(spool_offset)
+            written = {
+                "image": tar.add(f"{key}.{image.ext}", spool.read(size)),
+                "json": tar.add(f"{key}.json", contract.sample_json_bytes(row)),
+                "txt": tar.add(f"{key}.txt", row["caption"].encode()),
+            }
+            manifest.append(_manifest_row(row, name, index, tar_name, written))
+        tar.close()
+    entry = {"sha256": writer.sha256.hexdigest(), "md5": writer.md5.hexdigest()}
+    entry["size"] = writer.size
+    return manifest, entry
+
+
+def _manifest_row(row: dict, shard: str, index: int, tar: str, members: dict) -> dict:
+    try:
+        return contract.manifest_row(row["key"], row["SAMPLE_ID"], shard, index, tar, members)
+    except ValueError as exc:
+        raise EmitError(str(exc)) from None
+
+
+def _manifest_mode_rows(layout: RunLayout, name: str, rows: list[dict], found: dict) -> list:
+    """Manifest rows pointing into the raw tars (manifest mode)."""
+    manifest = []
+    for index, row in enumerate(rows):
+        slots = found[row["key"]]
+        for kind in ("json", "txt"):
+            if kind not in slots:
+                raise EmitError(f"{layout.raw}: key {row['key']} has no .{kind} member")
+        members = {kind: slots[kind][0] for kind in ("image", "json", "txt")}
+        tar = layout.relative(layout.raw_tar(row["raw_shard"]))
+        manifest.append(_manifest_row(row, name, index, tar, members))
+    return manifest
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_dataset_shard(
+    *,
+    run_url: str,
+    plan_url: str,
+    shard: int,
+    mode: str,
+    min_score: float,
+    dataset_url: str,
+    members_url: str,
+) -> dict:
+    """Write dataset shard `shard` (copy: tar + parquet; manifest: parquet) and its manifest rows."""
+    layout = RunLayout(run_url)
+    name = shard_name(shard)
+    raw_shards, keys = _read_plan(plan_url, shard)
+    records: dict[str, dict] = {}
+    found: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
+        for raw_shard, shard_keys in _groups(raw_shards, keys).items():
+            records.update(_shard_records(layout, raw_shard, shard_keys, min_score))
+            relative, members, source = _sample_members(
+                layout, raw_shard, shard_keys, keep_images=mode == "copy", sink=spool
+            )
+            found.update(members)
+            sources[relative] = source
+        rows = [records[key] for key in keys]
+        for row in rows:
+            row["sha256"] = found[row["key"]]["image"][1]
+        files: dict[str, dict] = {}
+        if mode == "copy":
+            manifest, files[contract.tar_name(name)] = _write_copy_shard(
+                dataset_url, name, rows, found, spool
+            )
+        else:
+            manifest = _manifest_mode_rows(layout, name, rows, found)
+    parquet = _parquet_bytes(pa.Table.from_pylist(rows, schema=contract.DATASET_SHARD))
+    storage.write_bytes(storage.join(dataset_url, contract.parquet_name(name)), parquet)
+    files[contract.parquet_name(name)] = contract.file_entry(parquet)
+    storage.write_parquet(pa.Table.from_pylist(manifest, schema=contract.MANIFEST), members_url)
+    stats: dict[str, Any] = {"items": len(rows), "samples": len(rows), "files": files}
+    if mode == "manifest":
+        stats["sources"] = sources
+    return stats
