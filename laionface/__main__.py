@@ -1,3 +1,3 @@
-from laionface.cli import main
+from laionface.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from laionface import __version__
@@ -296,3 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The `laionface` console command: `main()`, then an exit without native teardown.
+
+    pyarrow's C++ thread pools (and DuckDB's) can abort the interpreter's finalization with
+    "terminate called without an active exception" (apache/arrow#34314) after all the work is
+    done, turning a finished command into exit -6. Once the command has returned and every
+    stream is flushed, finalization has nothing left to do, so the process leaves at once.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -163,6 +163,15 @@ class DownloadSection(Section):
     shard_deadline: Annotated[float, Field(ge=0)] = 0.0
     # Warn when a shard's failure rate passes this fraction.
     failure_rate_warning: Fraction = 0.5
+    # Requests in flight to one host at once, across a shard's threads (politeness).
+    max_per_host: PositiveInt = 8
+    # Answers 429 / 503 are retried this many times, after the Retry-After delay they ask for
+    # (at most max_retry_after seconds; longer asks fail as rate_limited at once).
+    rate_limit_retries: NonNegativeInt = 2
+    max_retry_after: Annotated[float, Field(ge=0)] = 60.0
+    # Images with more pixels than this (by their header) fail as too_many_pixels before any
+    # full decode: img2dataset's resizer would decode them whole.
+    max_image_pixels: PositiveInt = 50_000_000
 
 
 class FacesSection(Section):
@@ -219,6 +228,9 @@ class DedupSection(Section):
 
 class EmitSection(Section):
     samples_per_shard: PositiveInt = 10_000
+    # Cut a shard before it passes this many bytes (as well as at samples_per_shard); unset: by
+    # count only.
+    max_shard_bytes: PositiveInt | None = None
     mode: Literal["copy", "manifest"] = "copy"
 
 

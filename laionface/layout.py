@@ -110,10 +110,13 @@ DOWNLOAD_CATEGORIES = (
     "bad_aspect_ratio",
     "opted_out",
     "blocked_address",
+    "rate_limited",
+    "too_many_pixels",
+    "worker_died",
     "other",
 )
 # Download failures worth trying again later (--retry-failed): the same request may succeed.
-TRANSIENT_CATEGORIES = ("timeout", "connection", "http_5xx", "dns")
+TRANSIENT_CATEGORIES = ("timeout", "connection", "http_5xx", "dns", "rate_limited")
 # Select's rules, in the order they are checked (laionface.selection).
 SELECT_REASONS = (
     "decode_error",

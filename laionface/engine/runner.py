@@ -49,11 +49,15 @@ class ShardTask:
 
 
 class StageFailed(RuntimeError):
-    """Some shards still failed after their retries; the others are complete."""
+    """Some shards still failed after their retries; the others are complete.
 
-    def __init__(self, step: str, failures: dict[str, str]):
+    `killed`: the shards among them whose worker process died while running them (killed for
+    memory, a crash), which a stage may split to find the one input that kills."""
+
+    def __init__(self, step: str, failures: dict[str, str], killed: frozenset[str] = frozenset()):
         self.step = step
         self.failures = failures
+        self.killed = killed
         lines = [f"  {shard}: {error}" for shard, error in sorted(failures.items())]
         super().__init__(
             f"stage {step}: {len(failures)} shard(s) failed after retries:\n"
@@ -200,7 +204,10 @@ class StageContext:
         )
         if failures:
             self.failures[step] = failures
-            raise StageFailed(step, failures)
+            killed = frozenset(
+                s for s, error in failures.items() if error.startswith("KilledWorker")
+            )
+            raise StageFailed(step, failures, killed)
         return done
 
     def _plan(
