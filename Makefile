@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint format install install-test chromium clean
+.PHONY: demo test lint format install install-test readers chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[faces]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
@@ -31,6 +31,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# The trainer-side readers tests/test_readers.py reads the dataset with, in a venv of their own:
+# OpenCLIP's training reader imports torchvision, whose PyPI build needs PyTorch's CUDA build
+# (about 6 GB, 2-3 minutes to install), which must not replace .venv's CPU torch.
+READERS_VENV ?= .venv-readers
+$(READERS_VENV)/.installed: tests/readers-requirements.txt
+	$(PYTHON) -m venv $(READERS_VENV)
+	$(READERS_VENV)/bin/pip install --quiet -r tests/readers-requirements.txt
+	touch $@
+
+readers: $(READERS_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/laionface demo
@@ -49,7 +60,7 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "the report test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
-test: lint chromium
+test: lint chromium readers
 	$(BIN)/python -m pytest -q
 
 clean:

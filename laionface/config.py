@@ -228,10 +228,19 @@ class DedupSection(Section):
 
 class EmitSection(Section):
     samples_per_shard: PositiveInt = 10_000
-    # Cut a shard before it passes this many bytes (as well as at samples_per_shard); unset: by
-    # count only.
+    # Cut a shard before its tar passes this many bytes (as well as at samples_per_shard; a
+    # sample bigger than that gets a tar of its own); unset: by count only. Copy mode only.
     max_shard_bytes: PositiveInt | None = None
     mode: Literal["copy", "manifest"] = "copy"
+
+    @model_validator(mode="after")
+    def _size_cut_needs_tars(self) -> EmitSection:
+        if self.max_shard_bytes is not None and self.mode == "manifest":
+            raise ValueError(
+                "emit.max_shard_bytes cuts the tars copy mode writes; manifest mode writes none: "
+                'unset it, or use emit.mode = "copy"'
+            )
+        return self
 
 
 class Config(Section):

@@ -1,13 +1,17 @@
 """The `[select]` rules in one place: which detections count as faces, and why an image is dropped.
 
-Used by the select stage (the decisions), emit (the faces it publishes) and the report (the box
-colours of its contact sheets), so all three read a detection the same way.
+Used by the select stage (the decisions, and which detections count), emit (the faces it
+publishes) and the report (the box colours of its contact sheets), so all three read a
+detection the same way.
 
 A detection is one of:
 - `low`: its score is below `min_score`;
 - `small`: it scores, but its box's shorter side is below `min_face_size` px or its area is
   below `min_face_fraction` of the image's;
 - `counted`: it passes both; `n_faces` is the number of counted faces.
+
+The dataset publishes every detection that scores (`small` and `counted` ones), each with its
+`counted` flag, which select records per detection (`classes`), so emit needs no size rule.
 
 An image is dropped for the first of these reasons that applies (layout.SELECT_REASONS):
 1. `decode_error`: the image could not be decoded (the faces stage recorded why).
@@ -44,6 +48,12 @@ def face_class(face: dict[str, Any], rules: SelectSection, area: float) -> str:
     return SMALL
 
 
+def classes(row: dict[str, Any], rules: SelectSection) -> list[str]:
+    """The class of each detection of one row of a faces parquet, in its order."""
+    area = (row["width"] or 0) * (row["height"] or 0)
+    return [face_class(f, rules, area) for f in row["faces"] or []]
+
+
 def decide(row: dict[str, Any], rules: SelectSection) -> tuple[str | None, int]:
     """(drop reason or None, number of counted faces) for one row of a faces parquet."""
     if row["decode_error"]:
@@ -54,13 +64,13 @@ def decide(row: dict[str, Any], rules: SelectSection) -> tuple[str | None, int]:
     faces = row["faces"] or []
     if len(faces) < rules.min_faces:
         return "no_face", 0
-    classes = [face_class(f, rules, width * height) for f in faces]
-    scoring = sum(c != LOW for c in classes)
+    found = classes(row, rules)
+    scoring = sum(c != LOW for c in found)
     if scoring < rules.min_faces:
         return "low_score", 0
     if rules.max_faces is not None and scoring > rules.max_faces:
         return "too_many_faces", 0
-    counted = classes.count(COUNTED)
+    counted = found.count(COUNTED)
     if counted < rules.min_faces:
         return "face_too_small", counted
     return None, counted

@@ -1,10 +1,14 @@
-"""A small real run folder for the emit, verify, publish and export tests.
+"""Real run folders for the dataset tests: a small one (emit, verify, publish, export) and the
+demo's (the readers).
 
-raw/ is real img2dataset output (its Downloader, as the download stage calls it) fetched from a
+The small one: raw/ is real img2dataset output (its Downloader, as the download stage calls it) fetched from a
 loopback HTTP server serving the public-domain face photos and images derived from them; faces/
 holds hand-made detections for those images; select/ is the real select stage's output;
 dedup/decisions.parquet marks byte-identical images as exact duplicates. Then the real emit
 stage runs on a LocalCluster. Built once per test session (the result is cached by folder).
+
+The demo's: the whole pipeline (pipelines/demo.toml) on the demo corpus served from 127.0.0.1,
+as `laionface demo` runs it; also built once per test session.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import math
 import shutil
 import threading
@@ -36,6 +41,7 @@ from laionface.stages.select import select_shard
 ROWS_PER_SHARD = 6
 SAMPLES_PER_SHARD = 4
 MIN_SCORE = 0.9
+MIN_FACE_SIZE = 8
 # Two LAION-named parts, not 0 and 1, so part numbers are not confused with positions.
 PARTS = (
     "/data/laion400m-meta/part-00003-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet",
@@ -155,7 +161,8 @@ def _download(run: Path, shard_id: int, table: pa.Table) -> None:
 
 
 def _detections(width: int, height: int) -> list[dict]:
-    """A confident face in the middle and a weak one in a corner (below MIN_SCORE)."""
+    """A confident face in the middle, a weak one in a corner (below MIN_SCORE) and a confident
+    one too small to count (under MIN_FACE_SIZE): published with counted false."""
 
     def face(x1: float, y1: float, x2: float, y2: float, score: float) -> dict:
         w, h = x2 - x1, y2 - y1
@@ -166,6 +173,7 @@ def _detections(width: int, height: int) -> list[dict]:
     return [
         face(0.3 * width, 0.2 * height, 0.7 * width, 0.7 * height, 0.998),
         face(0.0, 0.0, 0.1 * width, 0.1 * height, 0.61),
+        face(0.8 * width, 0.8 * height, 0.8 * width + 6, 0.8 * height + 6, 0.95),
     ]
 
 
@@ -243,7 +251,9 @@ def emit_config(mode: str = "copy") -> Config:
     config.cluster.workers = 2
     config.cluster.retries = 0
     config.metadata.rows_per_shard = ROWS_PER_SHARD
-    config.select = SelectSection(min_score=MIN_SCORE, min_face_size=8, min_image_side=64)
+    config.select = SelectSection(
+        min_score=MIN_SCORE, min_face_size=MIN_FACE_SIZE, min_image_side=64
+    )
     config.emit.samples_per_shard = SAMPLES_PER_SHARD
     config.emit.mode = mode
     return config
@@ -309,3 +319,30 @@ def copy_run(built: BuiltRun, folder: Path) -> Path:
     target = folder / "run"
     shutil.copytree(built.run, target)
     return target
+
+
+_DEMO: dict[Path, Path] = {}
+
+
+def demo_run(tmp_path_factory, demo_corpus) -> Path:
+    """The demo pipeline's run folder (built on first use). Tests must not change it."""
+    from laionface.config import load_config
+    from laionface.demo.corpus import DEMO_HOST
+    from laionface.demo.imageserver import ImageServer
+    from laionface.engine.pipeline import run_pipeline
+
+    base = tmp_path_factory.getbasetemp()
+    if base not in _DEMO:
+        run = tmp_path_factory.mktemp("demo-run") / "run"
+        with ImageServer(demo_corpus.root) as server:
+            config = load_config(
+                Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml",
+                [
+                    f"metadata.input={json.dumps([str(demo_corpus.metadata_path)])}",
+                    f'download.resolve={{"{DEMO_HOST}" = "{server.resolve_map[DEMO_HOST]}"}}',
+                    "cluster.dashboard_address=''",
+                ],
+            )
+            run_pipeline(config, run_dir=str(run), progress=False)
+        _DEMO[base] = run
+    return _DEMO[base]

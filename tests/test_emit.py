@@ -10,13 +10,16 @@ import tarfile
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
+from laionface.config import ConfigError, load_config
 from laionface.dataset import contract
 from laionface.dataset.manifests import manifest_files
 from laionface.dataset.verify import verify
+from laionface.engine.runner import StageFailed
 from laionface.io import storage
 from laionface.io.tars import iter_members
 from laionface.stages.emit.shard import EmitError
@@ -56,7 +59,7 @@ def test_layout_counts_and_documented_order(built):
     assert names == sorted(
         [f"{s}.tar" for s in SHARDS]
         + [f"{s}.parquet" for s in SHARDS]
-        + ["sizes.json", "shardindex.json", "manifest.parquet", "dataset.json"]
+        + ["sizes.json", "shardindex.json", "manifest.parquet", "README.md", "dataset.json"]
     )
     # 24 rows: 1 missing URL, 1 broken image, 1 blank (no face), 1 tiny, 1 exact duplicate.
     assert json.loads((dataset / "sizes.json").read_text()) == {
@@ -122,9 +125,15 @@ def test_what_emit_writes_matches_manifests(built):
             assert members["txt"].decode() == sample["caption"] == row["caption"]
             with Image.open(io.BytesIO(members["jpg"])) as image:
                 assert image.size == (sample["width"], sample["height"])
-            # Only the confident detection is published; the 0.61 one is below min_score.
-            assert [f["score"] for f in sample["faces"]] == pytest.approx([0.998])
+            # The 0.61 detection is below min_score: not published. The 6 px one scores but is
+            # under min_face_size: published, not counted.
+            assert [f["score"] for f in sample["faces"]] == pytest.approx([0.998, 0.95])
+            assert [f["counted"] for f in sample["faces"]] == [True, False]
             assert sample["n_faces"] == 1 and len(sample["faces"][0]["landmarks"]) == 5
+            # One face record in both files, with the same float32 values.
+            assert sample["faces"] == row["faces"]
+            box = sample["faces"][0]["box"]
+            assert np.array_equal(np.float32(box).astype(np.float64), np.array(box))
             assert key.startswith(sample["raw_shard"]) and sample["SAMPLE_ID"] == row["SAMPLE_ID"]
 
 
@@ -139,7 +148,7 @@ def test_webdataset_reads_every_sample(built):
     import webdataset as wds
 
     urls = str(built.dataset / "{00000..00004}.tar")
-    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert [s["__key__"] for s in samples] == built.published_keys
     for sample in samples:
         assert isinstance(sample["jpg"], Image.Image)
@@ -148,23 +157,28 @@ def test_webdataset_reads_every_sample(built):
         assert sample["txt"] == sample["json"]["caption"]
 
 
-def test_huggingface_datasets_loads_the_shards(built, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _hf_load(folder, tmp_path, monkeypatch, *config):
     import datasets
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    loaded = datasets.load_dataset(
-        "webdataset",
-        data_files={"train": str(built.dataset / "*.tar")},
-        split="train",
-        cache_dir=str(tmp_path / "hf"),
+    return datasets.load_dataset(
+        str(folder), *config, split="train", cache_dir=str(tmp_path / "hf")
     )
+
+
+def test_huggingface_datasets_loads_the_folder_by_its_card(built, tmp_path, monkeypatch):
+    loaded = _hf_load(built.dataset, tmp_path, monkeypatch)
     assert loaded.num_rows == 19
     assert {"jpg", "json", "txt", "__key__"} <= set(loaded.column_names)
     assert sorted(loaded["__key__"]) == built.published_keys
     first = loaded[0]
     assert first["jpg"].size == (first["json"]["width"], first["json"]["height"])
+    card = (built.dataset / "README.md").read_text()
+    assert card.startswith(contract.card_configs("copy"))
+    assert "| dedup | 20 | 19 | exact_duplicate: 1 |" in card
+    assert "- `emit.samples_per_shard` = `4`" in card
 
 
 def test_wids_random_access_through_shardindex(built, tmp_path):
@@ -174,6 +188,7 @@ def test_wids_random_access_through_shardindex(built, tmp_path):
         str(built.dataset / "shardindex.json"), cache_dir=str(tmp_path / "wids")
     )
     assert len(dataset) == 19
+    assert dataset.dataset_name == "emit-test"  # shardindex.json names the dataset
     sample = dataset[6]
     assert sample["__key__"] == built.published_keys[6]
     assert sample[".json"]["key"] == built.published_keys[6]
@@ -251,14 +266,15 @@ def test_rerun_is_byte_identical_skips_done_shards_and_redoes_deleted_ones(built
     assert verify(str(run / "dataset")) == []
 
 
-def test_manifest_mode_points_into_the_raw_tars(built, tmp_path):
+def test_manifest_mode_points_into_the_raw_tars(built, tmp_path, monkeypatch):
     run = datasetrun.copy_run(built, tmp_path)
     datasetrun.run_emit(run, datasetrun.emit_config("manifest"))
     dataset = run / "dataset"
     # No image is copied: the copy mode's tars and index files are gone.
     assert sorted(p.name for p in dataset.iterdir()) == sorted(
-        [f"{s}.parquet" for s in SHARDS] + ["manifest.parquet", "dataset.json"]
+        [f"{s}.parquet" for s in SHARDS] + ["manifest.parquet", "README.md", "dataset.json"]
     )
+    assert (dataset / "README.md").read_text().startswith(contract.card_configs("manifest"))
     meta = json.loads((dataset / "dataset.json").read_text())
     jsonschema.validate(meta, json.loads((MANIFESTS / "dataset.schema.json").read_text()))
     assert meta["mode"] == "manifest" and meta["source_root"] == str(run)
@@ -279,6 +295,13 @@ def test_manifest_mode_points_into_the_raw_tars(built, tmp_path):
         start, size = copy_rows[row["key"]]["image_offset"], copy_rows[row["key"]]["image_size"]
         assert image == copied[start : start + size]
     assert verify(str(dataset)) == []
+    # No tars: Hugging Face loads the shard parquets by default, the manifest as the other config.
+    samples = _hf_load(dataset, tmp_path, monkeypatch)
+    assert samples["key"] == [r["key"] for r in shard_rows(dataset)]
+    assert samples.features["faces"].feature["box"].feature.dtype == "float32"
+    assert (
+        _hf_load(dataset, tmp_path, monkeypatch, "manifest").column_names == contract.MANIFEST.names
+    )
 
     # A raw tar changed after emit: verify says so.
     with open(run / "raw" / "00001.tar", "ab") as raw:
@@ -314,3 +337,56 @@ def test_plan_table_is_sorted_by_raw_shard_then_key(built):
     pairs = list(zip(ordered["raw_shard"].to_pylist(), ordered["key"].to_pylist(), strict=True))
     assert pairs == sorted(pairs) and [k for _, k in pairs] == built.published_keys
     assert ordered.schema == pa.schema([("raw_shard", pa.string()), ("key", pa.string())])
+
+
+def test_max_shard_bytes_cuts_shards_before_they_pass_the_size(built, tmp_path):
+    by_count = storage.read_parquet(str(built.dataset / "manifest.parquet")).to_pylist()
+    samples_bytes = [row["sample_size"] for row in by_count]
+    # Room for about two typical samples: some shards are cut by size, some by count.
+    limit = contract.tar_bytes(2 * sorted(samples_bytes)[len(samples_bytes) // 2])
+    run = datasetrun.copy_run(built, tmp_path)
+    config = datasetrun.emit_config()
+    config.emit.max_shard_bytes = limit
+    datasetrun.run_emit(run, config)
+    dataset = run / "dataset"
+    assert verify(str(dataset)) == []
+
+    sizes = json.loads((dataset / "sizes.json").read_text())
+    index = json.loads((dataset / "shardindex.json").read_text())["shardlist"]
+    counts = [sizes[name] for name in sorted(sizes)]
+    assert sum(counts) == 19 and len(counts) > len(SHARDS)
+    assert max(counts) <= datasetrun.SAMPLES_PER_SHARD
+    assert [e["nsamples"] for e in index] == counts
+    keys = []
+    for entry in index:
+        tar = dataset / entry["url"]
+        samples = tar_samples(tar)
+        # sizes.json and the shard index are exact; no tar of several samples passes the limit.
+        assert entry["filesize"] == tar.stat().st_size and entry["nsamples"] == len(samples)
+        assert tar.stat().st_size <= limit or len(samples) == 1
+        keys += [key for key, _ in samples]
+    assert keys == built.published_keys  # the same order, cut at other places
+    # Each cut is needed: a shorter shard could not have taken the next sample.
+    start = 0
+    for count in counts[:-1]:
+        shard_bytes = sum(samples_bytes[start : start + count])
+        if count < datasetrun.SAMPLES_PER_SHARD:
+            assert contract.tar_bytes(shard_bytes + samples_bytes[start + count]) > limit
+        start += count
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["max_shard_bytes"] == limit
+
+
+def test_emit_refuses_select_output_made_with_other_settings(built, tmp_path):
+    run = datasetrun.copy_run(built, tmp_path)
+    config = datasetrun.emit_config()
+    config.select.min_score = 0.999  # select counted the 0.998 faces; emit would drop them
+    with pytest.raises(StageFailed, match="select ran with other settings; re-run the select"):
+        datasetrun.run_emit(run, config)
+
+
+def test_max_shard_bytes_needs_copy_mode(tmp_path):
+    pipeline = tmp_path / "pipe.toml"
+    pipeline.write_text('[emit]\nmode = "manifest"  # no tars\nmax_shard_bytes = 1000000  # cut\n')
+    with pytest.raises(ConfigError, match="emit.max_shard_bytes cuts the tars copy mode writes"):
+        load_config(pipeline)

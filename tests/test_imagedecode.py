@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import imagehash
@@ -273,3 +275,29 @@ def test_bytes_that_are_not_an_image(obama):
         assert not decoded.ok
         assert decoded.error.split(":")[0] in ("not_an_image", "decode_failed"), decoded.error
     assert decode_image(b"GIF89a", MAX_SIZE, MAX_PIXELS).error
+
+
+# --- the torch-free resize ---------------------------------------------------------------------
+
+
+def test_pil_resize_matches_the_torch_resize_and_imports_no_torch(shared_faces):
+    data = (shared_faces / "fr_two_people.jpg").read_bytes()
+    fast = decode_image(data, 320, MAX_PIXELS, draft=False)
+    pil = decode_image(data, 320, MAX_PIXELS, draft=False, torch_resize=False)
+    assert pil.ok and pil.pixels.shape == fast.pixels.shape and max(pil.pixels.shape[:2]) == 320
+    assert (pil.width, pil.height, pil.phash) == (fast.width, fast.height, fast.phash)
+    difference = np.abs(pil.pixels.astype(int) - fast.pixels.astype(int))
+    assert np.percentile(difference, 99) <= 2 and difference.max() <= 16
+
+    script = (
+        "import sys; from laionface.io.imagedecode import decode_image; "
+        "d = decode_image(open(sys.argv[1], 'rb').read(), 320, 10**8, torch_resize=False); "
+        "print(d.pixels.shape, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(shared_faces / "fr_two_people.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split()[-1] == "False", done.stdout + done.stderr

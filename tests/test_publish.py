@@ -35,6 +35,8 @@ def test_publish_to_a_local_folder(built, tmp_path):
     assert sorted(p.name for p in target.iterdir()) == source
     for name in source:
         assert (target / name).read_bytes() == (built.dataset / name).read_bytes()
+    # The dataset card is published with the rest: Hugging Face loads the target by it.
+    assert "README.md" in json.loads((target / "dataset.json").read_text())["files"]
     actions = []
     assert publish(str(built.dataset), str(target), on_file=lambda *a: actions.append(a)) == 0
     assert actions == []  # already published: nothing copied, nothing checked again

@@ -66,8 +66,9 @@ def test_face_fraction():
 
 
 def test_select_shard_writes_one_decision_per_image(tmp_path):
+    small, weak = face(10, 10, 40, 40, 0.95), face(0, 0, 99, 99, 0.5)
     rows = [
-        row([BIG], key="000000000"),
+        row([BIG, small, weak], key="000000000"),
         row([], key="000000001"),
         row([BIG], error="x", key="000000002"),
     ]
@@ -79,4 +80,7 @@ def test_select_shard_writes_one_decision_per_image(tmp_path):
     assert table.schema.equals(schemas.SELECT)
     assert table.column("kept").to_pylist() == [True, False, False]
     assert table.column("reason").to_pylist() == [None, "no_face", "decode_error"]
+    # Which detections count, in the faces row's order: emit publishes the flag with each face.
+    assert table.column("counted").to_pylist() == [[True, False, False], [], [True]]
+    assert table.column("n_faces").to_pylist() == [1, 0, 0]
     assert stats == {"items": 3, "kept": 1, "dropped": {"no_face": 1, "decode_error": 1}}

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from laionface.dataset import contract
 from laionface.dataset.verify import image_problem, verify
 from laionface.io import storage
 from laionface.io.tars import TarWriter, UnsafeTar, iter_members
@@ -199,3 +200,55 @@ def test_image_checks():
     Image.new("L", (4000, 3000)).save(big, "PNG")
     assert image_problem(big.getvalue(), 10**6) == "4000x3000 pixels, over the 1,000,000 pixel cap"
     assert image_problem(big.getvalue(), 10**8) is None
+
+
+def test_n_faces_must_be_the_number_of_counted_faces(dataset):
+    table = storage.read_parquet(str(dataset / "00001.parquet"))
+    rows = table.to_pylist()
+    rows[2]["n_faces"] = 2
+    storage.write_parquet(
+        pa.Table.from_pylist(rows, schema=table.schema), str(dataset / "00001.parquet")
+    )
+    key = rows[2]["key"]
+    problems = verify(str(dataset))
+    assert f"00001.parquet: row 2 (key {key}): n_faces is 2 but 1 of its faces are counted" in (
+        problems
+    )
+    assert f"00001.parquet: row 2 (key {key}) differs from {key}.json in n_faces" in problems
+
+
+def test_dataset_card_and_shard_index_name(dataset):
+    card = dataset / "README.md"
+    size = card.stat().st_size
+    card.write_text(card.read_text().replace('path: "*.tar"', 'path: "*.parquet"'))
+    index = json.loads((dataset / "shardindex.json").read_text())
+    index["name"] = "another"
+    (dataset / "shardindex.json").write_text(json.dumps(index))
+    problems = verify(str(dataset))
+    assert f"README.md: size {size + 4:,} bytes, dataset.json says {size:,}" in problems
+    assert any(
+        p.startswith("README.md: its front matter is not the copy mode's configs") for p in problems
+    )
+    assert (
+        "shardindex.json: name is 'another', the dataset's is 'emit-test' (wids names its cache "
+        "after it)"
+    ) in problems
+
+
+def test_shards_must_be_cut_by_the_order_rule(dataset):
+    meta = json.loads((dataset / "dataset.json").read_text())
+    sizes = [r["sample_size"] for r in manifest_rows(dataset)]
+    # A size limit that the shards as written pass: the rule would have cut shard 00000 earlier.
+    meta["max_shard_bytes"] = contract.tar_bytes(sizes[0] + sizes[1])
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    problems = verify(str(dataset))
+    rule = f"samples_per_shard = 4, max_shard_bytes = {meta['max_shard_bytes']:,}"
+    cut = [
+        p for p in problems if p.startswith(f"00000.tar: 4 samples; the order rule ({rule}) puts ")
+    ]
+    assert len(cut) == 1 and int(cut[0].split(" puts ")[1].split()[0]) in (2, 3)
+    assert any(
+        p.startswith("00000.tar: ")
+        and p.endswith(f"over max_shard_bytes = {meta['max_shard_bytes']:,}")
+        for p in problems
+    )

@@ -184,7 +184,8 @@ def thumbnail(
     data: bytes, faces: list[dict], width: int, height: int, rules: Any, max_pixels: int
 ) -> tuple[str | None, str]:
     """(JPEG data URI with the boxes drawn, "") or (None, why not)."""
-    decoded = decode_image(data, THUMB_SIDE, max_pixels)
+    # PIL's resize: the report is a torch-free command.
+    decoded = decode_image(data, THUMB_SIDE, max_pixels, torch_resize=False)
     if decoded.pixels is None:
         return None, f"not decodable: {decoded.error}"
     image = Image.fromarray(decoded.pixels)

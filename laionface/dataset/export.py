@@ -10,18 +10,28 @@
   `set(torch.load(...)[part])`.
 - `sample2detect`: `sample2detect_{part}.pth` for each part the run read, a dict
   `int(SAMPLE_ID) -> [(box float32[4], landmarks float32[5, 2], score float), ...]`, the layout of
-  LAION-Face's detection release (the published faces: score >= select.min_score).
+  LAION-Face's detection release. It holds the counted faces (those passing every select rule),
+  so `len(sample2detect[id]) == n_faces`; the dataset's json and parquet also list the scoring
+  faces too small to count, with `counted` false.
+
+Samples that share a SAMPLE_ID (several images under one ID, from the metadata) are all kept:
+`ids-parquet` and `laion-face-pth` list the ID once per image, `urls` has a row per image. Only
+`sample2detect` cannot: its dict has one entry per ID, so it refuses such a dataset with an
+ExportError naming the IDs (export `urls` to see their images, or remove the duplicates from
+the metadata) rather than keep one image's faces and drop the others'.
 
 The part of a sample is the metadata file its row came from (metadata/shards' source_file). When
 every file is named like LAION-400M's parts (`part-000NN-...`), part = NN and the list has at least
 32 entries; otherwise parts are numbered in the sorted order of the file names. The .pth files
 hold only lists, dicts, ints, floats and tensors: `torch.load(path, weights_only=True)` loads them.
+Only the .pth formats import torch (to write them).
 """
 
 from __future__ import annotations
 
 import io
 import re
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -138,24 +148,40 @@ def export(run_url: str, fmt: str, out: str) -> list[str]:
     return written
 
 
+def _shared_ids(sample_ids: list) -> list[int]:
+    """The SAMPLE_IDs that more than one sample has, sorted."""
+    return sorted(i for i, n in Counter(sample_ids).items() if n > 1)
+
+
 def _export_sample2detect(run_url: str, dataset_url: str, out: str) -> list[str]:
     import torch
 
     joined, _, parts = _with_parts(run_url, dataset_table(dataset_url, ["SAMPLE_ID", "faces"]))
+    sample_ids = joined.column("SAMPLE_ID").to_pylist()
+    shared = _shared_ids(sample_ids)
+    if shared:
+        shown = ", ".join(str(i) for i in shared[:10])
+        raise ExportError(
+            f"{len(shared)} SAMPLE_ID(s) belong to several published images ({shown}"
+            f"{', ...' if len(shared) > 10 else ''}); sample2detect maps each ID to one image's "
+            "faces, so it would drop the others: export --format urls to see those images, or "
+            "remove the duplicate IDs from the metadata and re-run"
+        )
     per_part: dict[int, dict[int, list]] = {part: {} for part in parts}
     for sample_id, part, faces in zip(
-        joined.column("SAMPLE_ID").to_pylist(),
+        sample_ids,
         joined.column("part").to_pylist(),
         joined.column("faces").to_pylist(),
         strict=True,
     ):
         per_part[part][sample_id] = [
             (
-                torch.tensor([f["x1"], f["y1"], f["x2"], f["y2"]], dtype=torch.float32),
-                torch.tensor(f["landmarks"], dtype=torch.float32).reshape(5, 2),
-                float(f["score"]),
+                torch.tensor(face["box"], dtype=torch.float32),
+                torch.tensor(face["landmarks"], dtype=torch.float32),
+                float(face["score"]),
             )
-            for f in faces
+            for face in faces
+            if face["counted"]
         ]
     written = []
     for part in sorted(per_part):

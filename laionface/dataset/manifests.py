@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from laionface.dataset.contract import (
+    CARD_CONFIG_TEXT,
     DATASET_FIELDS,
     DATASET_JSON_SCHEMA,
     DATASET_SHARD,
@@ -65,6 +66,7 @@ def _readme() -> str:
     dataset_types = {k: json_type(v) for k, v in DATASET_JSON_SCHEMA["properties"].items()}
     arrow_types = {f.name: f"`{f.type}`" for f in DATASET_SHARD}
     manifest_types = {f.name: f"`{f.type}`" for f in MANIFEST}
+    configs = "\n".join(f"  - `{name}`: {text}" for name, text in CARD_CONFIG_TEXT.items())
     return f"""# Published dataset contracts
 
 Generated from `laionface/dataset/contract.py` by
@@ -80,17 +82,30 @@ against them.
 
 ## The dataset folder
 
-- `NNNNN.tar` (copy mode): webdataset shards of exactly `samples_per_shard` samples (only the
-  last may be shorter). Members per sample, adjacent and in this order: `{{key}}.jpg` (the bytes
-  the download stage stored, copied untouched), `{{key}}.json`, `{{key}}.txt` (the caption). Tars are written
-  deterministically (ustar, mtime 0, uid/gid 0, mode 0644): the same inputs give the same bytes.
+- `NNNNN.tar` (copy mode): webdataset shards of `samples_per_shard` samples (fewer in the last,
+  and in any shard `max_shard_bytes` cuts: see the order below). Members per sample, adjacent
+  and in this order: `{{key}}.jpg` (the bytes the download stage stored, copied untouched),
+  `{{key}}.json`, `{{key}}.txt` (the caption). Tars are written deterministically (ustar, mtime 0,
+  uid/gid 0, mode 0644): the same inputs give the same bytes.
 - `NNNNN.parquet`: the same samples in the same order, one row each (always as many rows as the
-  tar has samples).
+  tar has samples), with the same fields and values as each `{{key}}.json`.
 - `sizes.json` (copy mode): `{{"00000.tar": n, ...}}`, the sample counts OpenCLIP reads.
-- `shardindex.json` (copy mode): the wids index (`wids-shard-index-v1`: url, md5sum, nsamples,
-  filesize per shard).
+- `shardindex.json` (copy mode): the wids index (`wids-shard-index-v1`: the dataset's `name`,
+  then url, md5sum, nsamples, filesize per shard).
 - `manifest.parquet`: where each sample's members lie, for random access by byte range.
+- `README.md`: the dataset card: YAML front matter whose `configs` Hugging Face
+  `datasets.load_dataset(FOLDER[, CONFIG])` reads, then how to read the dataset, the funnel and
+  every stage's settings in prose. The configs (`datasets` reads every config of a folder with
+  one builder, so tars and parquet files can't share a card): `shards` in copy mode, whose
+  `dataset_info` types the json as `NNNNN.parquet` is typed (the parquet files load with
+  `load_dataset("parquet", data_files=...)`); `samples` (the default) and `manifest` in manifest
+  mode:
+{configs}
 - `dataset.json`: written last; lists every other file with its sha256.
+
+A face, in `{{key}}.json` and `NNNNN.parquet` alike: `{{"box": [x1, y1, x2, y2], "landmarks":
+[[x, y] x 5], "score": s, "counted": true}}`, float32 numbers (the json holds their exact
+values); `n_faces` is always the number of faces with `counted` true.
 
 Order: {ORDER_RULE}.
 

@@ -2,8 +2,9 @@
 
 `verify(url)` reads every byte of a dataset once (any fsspec URL) and returns every problem it
 finds, as lines that name the file, the key and what is wrong; an empty list means the dataset
-is intact: checksums, tar/parquet agreement, the webdataset key rules, sizes.json, shardindex.json
-and manifest.parquet against the tars, and every image decodes.
+is intact: checksums, tar/parquet agreement, the webdataset key rules, the order rule's cut,
+n_faces against the counted faces, sizes.json, shardindex.json and manifest.parquet against the
+tars, the dataset card's configs, and every image decodes.
 """
 
 from __future__ import annotations
@@ -128,7 +129,20 @@ def _read_shard_parquet(url: str, entry: dict | None, problems: _Problems) -> li
     if not table.schema.equals(DATASET_SHARD):
         problems.add(f"schema differs from manifests/dataset_shard.arrow.json: {table.schema}")
         return None
-    return table.to_pylist()
+    rows = table.to_pylist()
+    for index, row in enumerate(rows):
+        problem = _count_problem(row)
+        if problem:
+            problems.add(f"row {index} (key {row['key']}): {problem}")
+    return rows
+
+
+def _count_problem(sample: dict) -> str | None:
+    """Why a sample's n_faces is not the number of its counted faces, or None."""
+    counted = sum(bool(face.get("counted")) for face in sample["faces"] or [])
+    if sample["n_faces"] != counted:
+        return f"n_faces is {sample['n_faces']} but {counted} of its faces are counted"
+    return None
 
 
 def _sample_checks(
@@ -150,10 +164,13 @@ def _sample_checks(
         except ValueError as exc:
             problems.add(f"{key}.json: not valid JSON ({exc})")
         else:
-            for line in schema_problems(parsed, SAMPLE_JSON_SCHEMA, f"{key}.json"):
+            schema_lines = schema_problems(parsed, SAMPLE_JSON_SCHEMA, f"{key}.json")
+            for line in schema_lines:
                 problems.add(line)
             if isinstance(parsed, dict) and parsed.get("key") != key:
                 problems.add(f"{key}.json: key field is {parsed.get('key')!r}")
+            if not schema_lines and _count_problem(parsed):
+                problems.add(f"{key}.json: {_count_problem(parsed)}")
     if images:
         data = members[images[0]][1]
         if check_images:
@@ -383,6 +400,11 @@ def _check_indexes(dataset_url: str, meta: dict, results: dict[str, _ShardResult
     if isinstance(index, dict):
         if index.get("__kind__") != contract.WIDS_KIND:
             index_problems.add(f"__kind__ is not {contract.WIDS_KIND}")
+        if index.get("name") != meta["name"]:
+            index_problems.add(
+                f"name is {index.get('name')!r}, the dataset's is {meta['name']!r} (wids names "
+                "its cache after it)"
+            )
         listed = {e.get("url"): e for e in index.get("shardlist", []) if isinstance(e, dict)}
         for name, result in sorted(results.items()):
             entry = listed.pop(contract.tar_name(name), None)
@@ -445,18 +467,33 @@ def _check_manifest(
     return problems.lines(), rows
 
 
-def _shape_problems(meta: dict, counts: dict[str, int], what: str) -> list[str]:
+def _shape_problems(
+    meta: dict, counts: dict[str, int], what: str, samples_bytes: list[int] | None = None
+) -> list[str]:
+    """The shards' sample counts against the order rule's cut (contract.cut_shards), from the
+    bytes each sample takes in its tar (`samples_bytes`, in order; copy mode)."""
     out = []
     names = sorted(counts)
-    per_shard = meta["samples_per_shard"]
-    for i, name in enumerate(names):
-        last = i == len(names) - 1
-        if (counts[name] != per_shard and not last) or counts[name] > per_shard:
-            out.append(
-                f"{name}.{what}: {counts[name]} samples; every shard but the last must have "
-                f"samples_per_shard = {per_shard}"
-            )
+    per_shard, max_bytes = meta["samples_per_shard"], meta.get("max_shard_bytes")
     total = sum(counts.values())
+    if max_bytes is not None and samples_bytes is None:
+        out.append(
+            f"dataset.json: max_shard_bytes is {max_bytes}, but a {meta['mode']} dataset has no tars to cut"
+        )
+        max_bytes = None
+    sizes = samples_bytes if max_bytes is not None else [0] * total
+    expected = contract.cut_shards(sizes, per_shard, max_bytes)
+    rule = f"samples_per_shard = {per_shard}" + (
+        f", max_shard_bytes = {max_bytes:,}" if max_bytes is not None else ""
+    )
+    for name, want in zip(names, expected, strict=False):
+        if counts[name] != want:
+            out.append(
+                f"{name}.{what}: {counts[name]} samples; the order rule ({rule}) puts {want} in it"
+            )
+            break  # the shards after it are shifted: one line says it
+    if not out and len(expected) != len(names):
+        out.append(f"{len(names)} shards; the order rule ({rule}) cuts {len(expected)}")
     if total != meta["counts"]["samples"]:
         out.append(f"dataset.json: counts.samples is {meta['counts']['samples']}, found {total}")
     return out
@@ -523,6 +560,23 @@ def _listing_problems(dataset_url: str, meta: dict) -> list[str]:
     return problems
 
 
+def _card_problems(dataset_url: str, meta: dict) -> list[str]:
+    """README.md (the dataset card) against its entry and the configs the contract gives."""
+    problems = _Problems(contract.DATASET_CARD)
+    data = _read_checked(
+        storage.join(dataset_url, contract.DATASET_CARD),
+        meta["files"].get(contract.DATASET_CARD),
+        problems,
+    )
+    front = contract.card_configs(meta["mode"])
+    if data is not None and not data.decode("utf-8", "replace").startswith(front):
+        problems.add(
+            f"its front matter is not the {meta['mode']} mode's configs (Hugging Face datasets "
+            "loads the folder by them):\n" + front
+        )
+    return problems.lines()
+
+
 def _verify_copy_mode(
     dataset_url: str, meta: dict, names: list[str], check_images: bool, max_pixels: int, workers
 ) -> list[str]:
@@ -535,7 +589,19 @@ def _verify_copy_mode(
     results = dict(zip(names, checked, strict=True))
     problems = [line for name in names for line in results[name].problems]
     present = {n: r for n, r in results.items() if r.tar}
-    problems += _shape_problems(meta, {n: r.samples for n, r in present.items()}, "tar")
+    samples_bytes = [
+        present[n].locations[key]["sample_size"] for n in sorted(present) for key in present[n].keys
+    ]
+    problems += _shape_problems(
+        meta, {n: r.samples for n, r in present.items()}, "tar", samples_bytes
+    )
+    max_bytes = meta.get("max_shard_bytes")
+    for name, result in sorted(present.items()):
+        if max_bytes is not None and result.tar["size"] > max_bytes and result.samples > 1:
+            problems.append(
+                f"{contract.tar_name(name)}: {result.tar['size']:,} bytes with {result.samples} "
+                f"samples, over max_shard_bytes = {max_bytes:,}"
+            )
     problems += _unique_key_problems({n: r.keys for n, r in present.items()}, "tar")
     problems += _check_indexes(dataset_url, meta, results)
     locations = {k: v for r in results.values() for k, v in r.locations.items()}
@@ -565,7 +631,7 @@ def verify(
     problems = schema_problems(meta, DATASET_JSON_SCHEMA, contract.DATASET_JSON)
     if problems:
         return problems
-    problems = _listing_problems(dataset_url, meta)
+    problems = _listing_problems(dataset_url, meta) + _card_problems(dataset_url, meta)
     names = contract.shard_names(meta["counts"]["shards"])
     if meta["mode"] == "copy":
         return problems + _verify_copy_mode(

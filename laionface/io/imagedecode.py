@@ -18,6 +18,9 @@ Frames and orientation:
   identical and 22 two bits apart; only synthetic chessboards (whose low DCT coefficients all sit
   near the median) differed by 4-20 bits. `Decoded.phash_exact` says which path was taken; pass
   `draft=False` for hashes that always equal imagehash's.
+- The shrink to `max_size` runs on torch's vectorized kernel (the faces stage, which has torch
+  for the detector anyway) or, with `torch_resize=False`, on PIL's own BILINEAR resize, for
+  callers that must not import torch (the report's thumbnails): within a few levels of each other.
 """
 
 from __future__ import annotations
@@ -136,14 +139,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_image(data: bytes, max_size: int, max_pixels: int, *, draft: bool = True) -> Decoded:
+def decode_image(
+    data: bytes, max_size: int, max_pixels: int, *, draft: bool = True, torch_resize: bool = True
+) -> Decoded:
     """Decode `data` to upright RGB with its longest side <= `max_size`, plus its pHash.
 
     Images over `max_pixels` (by their header) are refused before decoding. With `draft`, JPEGs at
     least twice `max_size` are decoded at a reduced scale (faster; pHash may differ slightly).
+    `torch_resize`: shrink with torch (less CPU; imports torch) or, if False, with PIL.
     """
     try:
-        return _decode(data, max_size, max_pixels, draft)
+        return _decode(data, max_size, max_pixels, draft, torch_resize)
     except Image.DecompressionBombError as exc:
         return _failed(f"too_large: {exc}")
     except UnidentifiedImageError:
@@ -152,7 +158,9 @@ def decode_image(data: bytes, max_size: int, max_pixels: int, *, draft: bool = T
         return _failed(f"decode_failed: {type(exc).__name__}: {exc}")
 
 
-def _decode(data: bytes, max_size: int, max_pixels: int, draft: bool) -> Decoded:
+def _decode(
+    data: bytes, max_size: int, max_pixels: int, draft: bool, torch_resize: bool
+) -> Decoded:
     image = Image.open(io.BytesIO(data))
     stored_w, stored_h = image.size
     if stored_w < 1 or stored_h < 1:
@@ -181,7 +189,12 @@ def _decode(data: bytes, max_size: int, max_pixels: int, draft: bool) -> Decoded
 
     phash = phash_image(image)
     rgb = _to_rgb(image)
-    pixels = _shrink(rgb, target) if rgb.size != target else np.asarray(rgb, dtype=np.uint8)
+    if rgb.size == target:
+        pixels = np.asarray(rgb, dtype=np.uint8)
+    elif torch_resize:
+        pixels = _shrink(rgb, target)
+    else:
+        pixels = np.asarray(rgb.resize(target, Image.Resampling.BILINEAR), dtype=np.uint8)
     if undo is not None:
         pixels = np.asarray(Image.fromarray(pixels).transpose(undo))
     return Decoded(pixels, upright_w, upright_h, phash, not drafted, None)

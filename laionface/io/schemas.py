@@ -78,6 +78,8 @@ METADATA_KEPT = pa.schema([("row", pa.int64())])
 URL_HASHES = pa.schema([("h1", pa.uint64()), ("h2", pa.uint64()), ("row", pa.int64())])
 URL_DUPLICATES = pa.schema([("part", pa.int32()), ("row", pa.int64())])
 
+# One detection as the faces stage records it (flat, the detector's own layout). The published
+# dataset groups the same float32 values differently (dataset.contract.DATASET_FACE).
 FACE = pa.struct(
     [
         ("x1", pa.float32()),
@@ -111,6 +113,9 @@ SELECT = pa.schema(
         ("kept", pa.bool_()),
         ("reason", pa.string()),  # null when kept
         ("n_faces", pa.int32()),  # faces passing select.min_score and the size rules
+        # Per detection of the faces row, in its order: whether it passes every select rule
+        # (selection.face_class is "counted"). Kept images have n_faces of them true.
+        ("counted", pa.list_(pa.bool_())),
     ]
 )
 

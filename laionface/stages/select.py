@@ -4,8 +4,9 @@ It reads only `faces/NNNNN.parquet` (the detector is never run again), so `laion
 --stages select --set select.min_score=0.95` re-applies new thresholds in seconds. The rules and
 the order of the drop reasons are `laionface.selection`'s.
 
-Output `select/NNNNN.parquet` (schemas.SELECT): per image, kept or its one drop reason, and
-`n_faces`, the number of counted faces (the faces a user gets).
+Output `select/NNNNN.parquet` (schemas.SELECT): per image, kept or its one drop reason,
+`n_faces`, the number of counted faces (the faces a user gets), and `counted`, which of its
+detections count (emit publishes that flag with each face).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def select_shard(faces_url: str, out_url: str, rules: dict) -> dict:
                 "kept": reason is None,
                 "reason": reason,
                 "n_faces": n_faces,
+                "counted": [c == selection.COUNTED for c in selection.classes(row, section)],
             }
         )
     storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.SELECT), out_url)

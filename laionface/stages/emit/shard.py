@@ -4,6 +4,9 @@ A task reads its slice of emit/plan.parquet (one row group), then for each raw s
 raw parquet, faces and select rows of its samples and, in one sequential pass, the raw tar's
 members; image bytes are spooled (in memory up to SPOOL_IN_MEMORY_BYTES, then on local disk)
 and copied untouched into the new tar. Every file is written atomically.
+
+`sample_sizes` (for emit.max_shard_bytes) measures, per raw shard, the bytes each sample will
+take in a dataset tar, from the same records and the raw tar's member sizes, before the plan.
 """
 
 from __future__ import annotations
@@ -49,49 +52,86 @@ def _columns_or_null(table: pa.Table, names: Iterable[str]) -> dict[str, list]:
     }
 
 
+def _published_faces(key: str, raw_shard: str, faces: list, counted: list, min_score: float):
+    """The published records of a faces/ row's detections (those scoring >= min_score), each
+    with select's counted flag."""
+    if len(counted) != len(faces):
+        raise EmitError(
+            f"select/{raw_shard}.parquet has {len(counted)} counted flags for key {key}, whose "
+            f"faces row has {len(faces)} detections: select's output is stale; re-run the "
+            "select, dedup and emit stages"
+        )
+    return [
+        contract.dataset_face(face, flag)
+        for face, flag in zip(faces, counted, strict=True)
+        if selection.scores(face, min_score)
+    ]
+
+
+def _record(
+    key: str, raw_shard: str, raw: dict, face_row: dict, decision: dict, min_score: float
+) -> dict:
+    """The DATASET_SHARD row of one sample (sha256 as faces/ recorded it; emit checks it)."""
+    faces = _published_faces(
+        key, raw_shard, face_row["faces"] or [], decision["counted"] or [], min_score
+    )
+    if sum(face["counted"] for face in faces) != decision["n_faces"]:
+        raise EmitError(
+            f"select/{raw_shard}.parquet: key {key} has n_faces {decision['n_faces']} but "
+            f"{sum(f['counted'] for f in faces)} counted faces score >= select.min_score "
+            f"{min_score}: select ran with other settings; re-run the select, dedup and emit "
+            "stages"
+        )
+    return {
+        "key": key,
+        "SAMPLE_ID": raw["SAMPLE_ID"],
+        "url": raw["url"],
+        "caption": raw["caption"] or "",
+        "width": face_row["width"],
+        "height": face_row["height"],
+        "LICENSE": raw["LICENSE"],
+        "NSFW": raw["NSFW"],
+        "similarity": _number_or_none(raw["similarity"]),
+        "sha256": face_row["sha256"],
+        "phash": None if face_row["phash"] is None else phash_to_hex(face_row["phash"]),
+        "n_faces": decision["n_faces"],
+        "faces": faces,
+        "raw_shard": raw_shard,
+    }
+
+
+def _rows_by_key(url: str, keys: pa.Array, columns: list[str] | None = None) -> dict[str, dict]:
+    table = storage.read_parquet(url, columns=columns)
+    table = table.filter(pc.is_in(table.column("key"), keys))
+    return {row["key"]: row for row in table.to_pylist()}
+
+
 def _shard_records(layout: RunLayout, raw_shard: str, keys: list[str], min_score: float) -> dict:
-    """key -> DATASET_SHARD row (sha256 still empty) for `keys` of one raw shard."""
-    wanted = set(keys)
+    """key -> DATASET_SHARD row for `keys` of one raw shard."""
+    wanted = pa.array(keys, pa.string())
     raw = storage.read_parquet(layout.raw_parquet(raw_shard))
-    raw = raw.filter(pc.is_in(raw.column("key"), pa.array(keys, pa.string())))
+    raw = raw.filter(pc.is_in(raw.column("key"), wanted))
     raw = raw.filter(pc.equal(raw.column("status"), "success"))
-    raw_cols = _columns_or_null(
-        raw, ["key", "SAMPLE_ID", "url", "caption", "LICENSE", "NSFW", "similarity"]
+    names = ["key", "SAMPLE_ID", "url", "caption", "LICENSE", "NSFW", "similarity"]
+    raw_rows = [
+        dict(zip(names, values, strict=True))
+        for values in zip(*_columns_or_null(raw, names).values(), strict=True)
+    ]
+    face_rows = _rows_by_key(
+        layout.faces(raw_shard), wanted, ["key", "width", "height", "phash", "sha256", "faces"]
     )
-    faces = storage.read_parquet(
-        layout.faces(raw_shard), columns=["key", "width", "height", "phash", "faces"]
-    )
-    selected = storage.read_parquet(layout.select(raw_shard), columns=["key", "n_faces"])
-    faces = faces.filter(pc.is_in(faces.column("key"), pa.array(keys, pa.string())))
-    detections = {row["key"]: row for row in faces.to_pylist()}
-    n_faces = dict(
-        zip(selected.column("key").to_pylist(), selected.column("n_faces").to_pylist(), strict=True)
-    )
+    decisions = _rows_by_key(layout.select(raw_shard), wanted, ["key", "n_faces", "counted"])
     records = {}
-    for i, key in enumerate(raw_cols["key"]):
-        face_row = detections.get(key)
-        if face_row is None:
+    for raw_row in raw_rows:
+        key = raw_row["key"]
+        if key not in face_rows or key not in decisions:
             raise EmitError(
-                f"faces/{raw_shard}.parquet has no row for key {key} although select kept it: "
-                "the faces output is stale; re-run the faces, select, dedup and emit stages"
+                f"faces/{raw_shard}.parquet or select/{raw_shard}.parquet has no row for key "
+                f"{key} although select kept it: they are stale; re-run the faces, select, dedup "
+                "and emit stages"
             )
-        records[key] = {
-            "key": key,
-            "SAMPLE_ID": raw_cols["SAMPLE_ID"][i],
-            "url": raw_cols["url"][i],
-            "caption": raw_cols["caption"][i] or "",
-            "width": face_row["width"],
-            "height": face_row["height"],
-            "LICENSE": raw_cols["LICENSE"][i],
-            "NSFW": raw_cols["NSFW"][i],
-            "similarity": _number_or_none(raw_cols["similarity"][i]),
-            "sha256": "",
-            "phash": None if face_row["phash"] is None else phash_to_hex(face_row["phash"]),
-            "n_faces": n_faces.get(key, 0),
-            "faces": [f for f in face_row["faces"] or [] if selection.scores(f, min_score)],
-            "raw_shard": raw_shard,
-        }
-    missing = wanted - records.keys()
+        records[key] = _record(key, raw_shard, raw_row, face_rows[key], decisions[key], min_score)
+    missing = set(keys) - records.keys()
     if missing:
         raise EmitError(
             f"raw/{raw_shard}.parquet has no successful row for {len(missing)} kept key(s), "
@@ -239,7 +279,12 @@ def write_dataset_shard(
             sources[relative] = source
         rows = [records[key] for key in keys]
         for row in rows:
-            row["sha256"] = found[row["key"]]["image"][1]
+            if found[row["key"]]["image"][1] != row["sha256"]:
+                raise EmitError(
+                    f"raw/{row['raw_shard']}.tar: the image of key {row['key']} is not the one "
+                    "the faces stage read (sha256 differs): re-run the faces, select, dedup and "
+                    "emit stages"
+                )
         files: dict[str, dict] = {}
         if mode == "copy":
             manifest, files[contract.tar_name(name)] = _write_copy_shard(
@@ -255,3 +300,36 @@ def write_dataset_shard(
     if mode == "manifest":
         stats["sources"] = sources
     return stats
+
+
+def sample_sizes(*, run_url: str, raw_shard: str, keys: list[str], min_score: float) -> dict:
+    """The bytes each of `keys` (samples of one raw shard) will take in a dataset tar, in the
+    order of `keys`: its three members' headers, data and padding (contract.sample_bytes).
+
+    Reads the same records write_dataset_shard writes and the image sizes from the raw tar's
+    headers; returns {"items": n, "bytes": [...]}, which the plan cuts shards by.
+    """
+    layout = RunLayout(run_url)
+    records = _shard_records(layout, raw_shard, keys, min_score)
+    _, url = _raw_tar(layout, raw_shard)
+    image_sizes: dict[str, int] = {}
+    fs, path = storage.fs_for(url)
+    with fs.open(path, "rb") as handle:
+        for member, _ in members_of(handle, set(keys), source=url, read=lambda m: False):
+            if _is_image(member):
+                image_sizes[member.key] = member.size
+    sizes = []
+    for key in keys:
+        if key not in image_sizes:
+            raise EmitError(f"{url} has no image member for key {key} although select kept it")
+        record = records[key]
+        sizes.append(
+            contract.sample_bytes(
+                [
+                    image_sizes[key],
+                    len(contract.sample_json_bytes(record)),
+                    len(record["caption"].encode()),
+                ]
+            )
+        )
+    return {"items": len(keys), "bytes": sizes}

@@ -2,10 +2,12 @@
 
 A sample is published iff select kept it and dedup kept it (or dedup is turned off). The
 published samples are ordered by raw shard, then by key (img2dataset's fixed-width digits, so
-string order is numeric order), and cut into shards of exactly `emit.samples_per_shard` samples
-(only the last may be shorter): dataset shard i holds samples i*N ... i*N+N-1 of that order. A
-sample keeps its raw img2dataset key, which is unique in the run, has no dots, and names the same
-image in raw/, faces/, select/, dedup/ and dataset/.
+string order is numeric order), and cut into shards in that order (contract.ORDER_RULE): at
+`emit.samples_per_shard` samples, and, when `emit.max_shard_bytes` is set, before a tar would
+pass that size (a step `emit/sizes` measures every sample's bytes first, one task per raw
+shard). A sample keeps its raw img2dataset key, which is unique in the run, has no dots, and
+names the same image in raw/, faces/, select/, dedup/ and dataset/. Each face is published
+with select's `counted` flag (laionface.selection says which detections are published).
 
 Copy mode (`emit.mode = "copy"`) writes, per shard, `NNNNN.tar` (members `{key}.jpg` with the
 stored bytes untouched, then `{key}.json`, then `{key}.txt`) and `NNNNN.parquet` (the same samples
@@ -16,8 +18,8 @@ Work split: the driver plans (reads the select/dedup decisions, writes `emit/pla
 row group per output shard); each output shard is a task (shard.py) that reads its raw tars once,
 sequentially, and writes its files atomically; a shard is redone when its slice of the plan or
 a file it read has changed. The driver then writes the index files and `emit/dataset.json`,
-which the stage's finish completes with the audit's funnel and the stages' provenance and
-publishes as `dataset/dataset.json`, last.
+which the stage's finish completes with the audit's funnel and the stages' provenance; finish
+writes the dataset card `dataset/README.md` from it, then `dataset/dataset.json`, last.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from laionface.layout import (
     shard_name,
     shard_of_file,
 )
-from laionface.stages.emit.shard import EmitError, write_dataset_shard
+from laionface.stages.emit.shard import EmitError, sample_sizes, write_dataset_shard
 
 log = logging.getLogger("laionface")
 
@@ -148,32 +150,76 @@ def _slice_token(plan: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
+def _raw_inputs(layout: RunLayout, raw_shards: list[str]) -> tuple[str, ...]:
+    """The files a task reading `raw_shards` depends on."""
+    return tuple(
+        url
+        for raw in raw_shards
+        for url in (
+            layout.raw_tar(raw),
+            layout.raw_parquet(raw),
+            layout.faces(raw),
+            layout.select(raw),
+        )
+    )
+
+
+def _measured_bytes(ctx: StageContext, ordered: pa.Table) -> list[int]:
+    """Every published sample's bytes in a dataset tar, in plan order (step emit/sizes)."""
+    groups: dict[str, list[str]] = {}
+    for raw, key in zip(
+        ordered.column("raw_shard").to_pylist(), ordered.column("key").to_pylist(), strict=True
+    ):
+        groups.setdefault(raw, []).append(key)
+    tasks = [
+        ShardTask(
+            raw,
+            dict(
+                run_url=ctx.layout.url,
+                raw_shard=raw,
+                keys=keys,
+                min_score=ctx.config.select.min_score,
+            ),
+            inputs=_raw_inputs(ctx.layout, [raw]),
+            token=hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
+        )
+        for raw, keys in groups.items()
+    ]
+    # A sample's bytes depend on the faces it publishes, not on where the shards are cut.
+    settings = {"select.min_score": ctx.config.select.min_score}
+    stats = ctx.map_shards("emit/sizes", sample_sizes, tasks, settings=settings, unit="samples")
+    return [size for raw in groups for size in stats[raw]["bytes"]]
+
+
+def _write_plan(url: str, plan: pa.Table, counts: list[int]) -> None:
+    """emit/plan.parquet: one row group per dataset shard (a task reads its own)."""
+    with (
+        storage.atomic_open(url) as handle,
+        pq.ParquetWriter(handle, EMIT_PLAN, compression="zstd") as writer,
+    ):
+        start = 0
+        for count in counts:
+            writer.write_table(plan.slice(start, count), row_group_size=count)
+            start += count
+
+
 def _tasks(ctx: StageContext, ordered: pa.Table) -> list[ShardTask]:
-    """Write emit/plan.parquet (one row group per dataset shard) and a task per shard."""
+    """Write emit/plan.parquet (the ORDER_RULE's cut) and a task per dataset shard."""
     layout, section = ctx.layout, ctx.config.emit
-    per_shard = section.samples_per_shard
-    shard_column = pa.array(np.arange(len(ordered)) // per_shard, pa.int32())
+    measured = _measured_bytes(ctx, ordered) if section.max_shard_bytes else [0] * len(ordered)
+    counts = contract.cut_shards(measured, section.samples_per_shard, section.max_shard_bytes)
+    shard_column = pa.array(np.repeat(np.arange(len(counts)), counts), pa.int32())
     plan = ordered.add_column(0, "shard", shard_column).cast(EMIT_PLAN)
-    with storage.atomic_open(layout.emit_plan) as handle:
-        pq.write_table(plan, handle, compression="zstd", row_group_size=per_shard)
+    _write_plan(layout.emit_plan, plan, counts)
     tasks = []
-    for i in range(-(-len(ordered) // per_shard)):
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for i, (start, count) in enumerate(zip(starts.tolist(), counts, strict=True)):
         name = shard_name(i)
-        mine = plan.slice(i * per_shard, per_shard)
-        raw_shards = sorted(set(mine.column("raw_shard").to_pylist()))
-        inputs = [
-            url
-            for raw in raw_shards
-            for url in (
-                layout.raw_tar(raw),
-                layout.raw_parquet(raw),
-                layout.faces(raw),
-                layout.select(raw),
-            )
-        ]
+        mine = plan.slice(start, count)
         outputs = [storage.join(layout.dataset, contract.parquet_name(name))]
         if section.mode == "copy":
             outputs.append(storage.join(layout.dataset, contract.tar_name(name)))
+        outputs.append(layout.emit_members(name))
         kwargs = dict(
             run_url=layout.url,
             plan_url=layout.emit_plan,
@@ -183,11 +229,9 @@ def _tasks(ctx: StageContext, ordered: pa.Table) -> list[ShardTask]:
             dataset_url=layout.dataset,
             members_url=layout.emit_members(name),
         )
-        outputs.append(layout.emit_members(name))
+        inputs = _raw_inputs(layout, sorted(set(mine.column("raw_shard").to_pylist())))
         tasks.append(
-            ShardTask(
-                name, kwargs, inputs=tuple(inputs), outputs=tuple(outputs), token=_slice_token(mine)
-            )
+            ShardTask(name, kwargs, inputs=inputs, outputs=tuple(outputs), token=_slice_token(mine))
         )
     return tasks
 
@@ -223,8 +267,9 @@ def _index_files(ctx: StageContext, names: list[str], stats: dict[str, dict]) ->
         files[contract.SIZES_JSON] = _write_json(
             dataset_url, contract.SIZES_JSON, contract.sizes(samples)
         )
+        index = contract.shard_index(ctx.config.run.name, samples, files)
         files[contract.SHARD_INDEX_JSON] = _write_json(
-            dataset_url, contract.SHARD_INDEX_JSON, contract.shard_index(samples, files)
+            dataset_url, contract.SHARD_INDEX_JSON, index
         )
     member_urls = [ctx.layout.emit_members(name) for name in names]
     files[contract.MANIFEST_PARQUET] = _write_manifest(dataset_url, member_urls)
@@ -254,6 +299,7 @@ def _pending_meta(ctx: StageContext, names: list[str], stats: dict, files: dict)
         "mode": section.mode,
         "order": contract.ORDER_RULE,
         "samples_per_shard": section.samples_per_shard,
+        "max_shard_bytes": section.max_shard_bytes,
         "counts": {"samples": sum(stats[n]["samples"] for n in names), "shards": len(names)},
         "files": {name: files[name] for name in sorted(files)},
     }
@@ -291,14 +337,27 @@ def run(ctx: StageContext) -> None:
     )
 
 
+def _image_ext(dataset_url: str) -> str | None:
+    """The image members' extension, if all samples share one (the card types the tars by it)."""
+    manifest = storage.join(dataset_url, contract.MANIFEST_PARQUET)
+    exts = pc.unique(storage.read_parquet(manifest, ["image_ext"]).column("image_ext"))
+    return exts[0].as_py() if len(exts) == 1 else None
+
+
 def finish(ctx: StageContext, funnel: dict) -> None:
-    """Complete dataset.json with the audit's funnel and the stages' provenance; write it last."""
+    """Complete dataset.json with the audit's funnel and the stages' provenance, write the
+    dataset card from it, then dataset.json, last."""
     meta = storage.read_json(ctx.layout.emit_pending)
     meta.update(
         created=now_iso(),
         versions=software_versions(),
         stages=ctx.run.provenance(STAGE_ORDER),
         funnel=funnel,
+    )
+    card = contract.dataset_card(meta, _image_ext(ctx.layout.dataset)).encode()
+    storage.write_bytes(storage.join(ctx.layout.dataset, contract.DATASET_CARD), card)
+    meta["files"] = dict(
+        sorted({**meta["files"], contract.DATASET_CARD: contract.file_entry(card)}.items())
     )
     storage.write_bytes(
         storage.join(ctx.layout.dataset, contract.DATASET_JSON), contract.json_bytes(meta)
