@@ -12,6 +12,9 @@ from laionface.config import ConfigError, load_config
 
 log = logging.getLogger("laionface")
 
+FORCE_HELP = (
+    "take over the folder's lease when it is stale (its last writer died without giving it back)"
+)
 EPILOG_RUN = """examples:
   laionface run pipelines/laion-face-50m.toml --run-dir s3://bucket/laion-face
   laionface run pipelines/demo.toml --stages select --set select.min_score=0.95
@@ -38,6 +41,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         help="download again the rows that failed with a transient error in earlier runs",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _add_run(commands) -> None:
@@ -71,6 +75,7 @@ def _add_demo(commands) -> None:
     demo.add_argument("--scheduler", default="", help="address of an existing Dask scheduler")
     demo.add_argument("--workers", type=int, help="LocalCluster workers")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _add_audit_commands(commands) -> None:
@@ -123,6 +128,7 @@ def _add_verify_publish(commands) -> None:
     publish.add_argument("target", help="where to publish (any fsspec URL)")
     publish.add_argument("--replace", action="store_true", help="replace another dataset there")
     publish.add_argument("--workers", type=int, default=4, help="parallel copies (default: 4)")
+    publish.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _add_export_reference(commands) -> None:
@@ -207,7 +213,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from laionface.dataset.publish import publish
 
-    return publish(args.run, args.target, replace=args.replace, workers=args.workers)
+    return publish(
+        args.run, args.target, replace=args.replace, workers=args.workers, force=args.force
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -240,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         options={"retry_failed": args.retry_failed},
+        force=args.force,
     )
     print(f"run folder: {run.url}")
     return 0
@@ -256,6 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         workers=args.workers,
         progress=not args.no_progress,
+        force=args.force,
     )
     return 0
 

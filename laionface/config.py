@@ -58,6 +58,10 @@ class ClusterSection(Section):
     memory_limit: str = "auto"
     # How many times a failing shard is retried before it is recorded as failed.
     retries: NonNegativeInt = 2
+    # A shard still running after this many seconds has its worker restarted and is retried
+    # (a task wedged in C, a stopped process): no run waits forever. 0 = never. Steps that know
+    # a shard's worst case (download's shard_deadline) use theirs.
+    task_timeout: Annotated[float, Field(ge=0)] = 3600.0
     # Dashboard address for a LocalCluster (":0" picks a free port, "" disables it).
     dashboard_address: str = ":0"
 

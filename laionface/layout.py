@@ -180,6 +180,10 @@ DATASET = "dataset"
 AUDIT = "audit"
 
 
+# The lease of the command writing a folder (engine.lease): a run folder or a publish target.
+LEASE_FILE = "lease.json"
+
+
 def raw_file_names(shard: str) -> tuple[str, str, str]:
     """img2dataset's three files of a raw shard, in the order they are published (stats last)."""
     return f"{shard}.tar", f"{shard}.parquet", f"{shard}_stats.json"
@@ -213,7 +217,7 @@ class RunLayout:
 
     @property
     def lease(self) -> str:
-        return self.path("lease.json")
+        return self.path(LEASE_FILE)
 
     def log(self, name: str) -> str:
         return self.path("logs", f"{name}.log")

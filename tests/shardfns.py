@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import uuid
 
 from laionface.io import storage
@@ -32,3 +35,18 @@ def write_then_crash(out_url: str) -> dict:
     with storage.atomic_open(out_url, "wb") as handle:
         handle.write(b"half of the output")
         raise OSError("disk vanished mid-write")
+
+
+def wedge_first_then_write(out_url: str, attempts_dir: str, how: str) -> dict:
+    """On its first attempt wedges its worker: blocked in C with the GIL held ("gil": libc's
+    sleep through ctypes.PyDLL, which keeps the GIL) or stopped by SIGSTOP ("stop"); the next
+    attempt, on a restarted worker, writes out_url."""
+    marker = storage.join(attempts_dir, "attempted")
+    if not storage.exists(marker):
+        storage.write_bytes(marker, b"")
+        if how == "gil":
+            ctypes.PyDLL(None).sleep(3600)
+        else:
+            os.kill(os.getpid(), signal.SIGSTOP)
+    storage.write_json(out_url, {"ok": True})
+    return {"items": 1}

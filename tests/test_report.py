@@ -186,6 +186,10 @@ def test_hostile_text_is_escaped():
     escaped = escape(long, limit=300)
     assert escaped.endswith("&lt;\u2026") and "&l\u2026" not in escaped  # no entity cut
     assert plots.plot_label("cost $5 and $6") == r"cost \$5 and \$6"
+    # NUL and a right-to-left override (which would make "gpj.exe" read "exe.jpg") are shown
+    # as their code, not passed to the page.
+    shown = escape("face\x00photo \u202egpj.exe\tok\n")
+    assert shown == "face\\u0000photo \\u202egpj.exe\tok\n"
 
 
 def test_report_numbers_agree_with_stats_and_files(report_run, report_html, capsys):

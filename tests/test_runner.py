@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import fsspec
 import pytest
@@ -142,3 +143,36 @@ def test_run_json_records_config_and_versions(tmp_path):
     assert saved["config"]["faces"]["batch_size"] == 7
     assert {"python", "dask", "pyarrow", "torch"} <= set(saved["versions"])
     assert storage.read_json(str(tmp_path / "r" / "config.json"))["faces"]["batch_size"] == 7
+
+
+@pytest.mark.parametrize("how", ["gil", "stop"])
+def test_a_wedged_shard_is_restarted_and_the_run_finishes(tmp_path, how, caplog):
+    """A task blocked in C holding the GIL, or whose worker is stopped, never returns and its
+    worker answers nothing: the watchdog restarts the worker and the shard is retried."""
+    url = str(tmp_path / "run")
+    config = Config()
+    config.cluster.dashboard_address = ""
+    config.cluster.task_timeout = 4.0
+    run = RunFolder(url)
+    run.start(config)
+    wedged = ShardTask(
+        "00000",
+        dict(out_url=storage.join(url, "out", "00000.json"), attempts_dir=str(tmp_path), how=how),
+    )
+    others = [
+        ShardTask(f"{i:05d}", dict(out_url=storage.join(url, "out", f"{i:05d}.json"), value=i))
+        for i in range(1, 4)
+    ]
+    with open_client(config, url) as client:
+        ctx = StageContext(config, run, client, progress=False)
+        started = time.monotonic()
+        ctx.map_shards("wedged", shardfns.wedge_first_then_write, [wedged], settings="w")
+        ctx.map_shards("others", shardfns.write_value, others, settings="w")
+        elapsed = time.monotonic() - started
+    assert storage.read_json(storage.join(url, "out", "00000.json")) == {"ok": True}
+    assert sorted(p.name for p in (tmp_path / "run" / "out").iterdir()) == [
+        f"{i:05d}.json" for i in range(4)
+    ]
+    assert "past its deadline" in caplog.text
+    # The deadline, a worker restart and the retry; never the task's own hour.
+    assert elapsed < 4.0 + 60

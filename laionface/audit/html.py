@@ -7,15 +7,26 @@ Every text that comes from the data (captions, URLs, domains, error messages, ke
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
+
+# Bidirectional controls: they reorder the text around them (a caption could make a URL read
+# backwards); shown as their code, like the control characters.
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_INVISIBLE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _show(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def escape(text: Any, limit: int | None = None) -> str:
-    """Data as HTML text: truncated (before escaping, so no entity is cut), then escaped."""
+    """Data as HTML text: truncated (before escaping, so no entity is cut), control and bidi
+    characters shown as their code (\\u0000, \\u202e), then escaped."""
     text = "" if text is None else str(text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "\u2026"
-    return html.escape(text, quote=True)
+    return html.escape(_INVISIBLE.sub(_show, text), quote=True)
 
 
 def html_table(header: list[tuple[str, bool]], rows: list[list[str]], **attrs: str) -> str:

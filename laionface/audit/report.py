@@ -94,6 +94,22 @@ background:#eef0f3;color:#5f6b7c;text-align:center}
 """
 
 
+def _shared_ids_note(run_url: str) -> str:
+    """A note when several kept metadata rows share a SAMPLE_ID (metadata/summary.json)."""
+    summary_url = RunLayout(run_url).metadata_summary
+    if not storage.exists(summary_url):
+        return ""
+    shared = storage.read_json(summary_url).get("shared_sample_ids") or {}
+    if not shared.get("ids"):
+        return ""
+    examples = ", ".join(map(str, shared.get("examples", [])))
+    return (
+        f'<p id="shared-sample-ids">{shared["ids"]:,} SAMPLE_IDs are shared by {shared["rows"]:,}'
+        f" kept metadata rows (e.g. {escape(examples)}): LAION's SAMPLE_ID is not a unique key."
+        " Every image keeps its own key, and the exports keep every image.</p>"
+    )
+
+
 def _section_funnel(result: Funnel) -> str:
     parts = []
     if result.ok:
@@ -131,6 +147,7 @@ def _section_funnel(result: Funnel) -> str:
         parts.append(note(f"Stages without output: {', '.join(result.not_run)}."))
     if result.disabled:
         parts.append(note(f"Stages turned off in the config: {', '.join(result.disabled)}."))
+    parts.append(_shared_ids_note(result.run_url))
     labels = ["input"] + [f"after {s.stage}" for s in result.stages]
     values = [result.input_rows] + [s.kept for s in result.stages]
     fig = figure(7.5, 0.35 * len(labels) + 1.0)

@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from laionface.dataset.contract import DATASET_FILE, DATASET_JSON, dataset_folder
 from laionface.dataset.verify import file_sizes, verify
+from laionface.engine.lease import holding
 from laionface.io import storage
+from laionface.layout import LEASE_FILE
 
 log = logging.getLogger("laionface")
 
@@ -66,7 +68,9 @@ def _strays(target: str, present: dict[str, int], files: dict, replace: bool) ->
     strays = sorted(
         name
         for name in present
-        if name not in files and name != DATASET_JSON and not name.startswith(storage.TEMP_PREFIX)
+        if name not in files
+        and name not in (DATASET_JSON, LEASE_FILE)
+        and not name.startswith(storage.TEMP_PREFIX)
     )
     unknown = [name for name in strays if not DATASET_FILE.fullmatch(name)]
     if unknown or (strays and not replace):
@@ -116,13 +120,27 @@ def publish(
     workers: int = 4,
     check_images: bool = True,
     on_file: Callable[[str, str], None] | None = None,
+    force: bool = False,
 ) -> int:
     """Publish the dataset of run (or dataset folder) `source` to `target`; returns 0.
 
     `replace`: allow replacing another dataset already published at `target`.
     `on_file(name, action)` is called after each file, action "copied" or "skipped".
-    Raises PublishError when the target holds something else or the copy does not verify.
+    Raises PublishError when the target holds something else or the copy does not verify, and
+    LeaseHeld when another command is writing the target (`force` takes over a stale lease).
     """
+    with holding(target, "laionface publish", force):
+        return _publish(source, target, replace, workers, check_images, on_file)
+
+
+def _publish(
+    source: str,
+    target: str,
+    replace: bool,
+    workers: int,
+    check_images: bool,
+    on_file: Callable[[str, str], None] | None,
+) -> int:
     source_url = dataset_folder(source)
     target = target.rstrip("/")
     meta_bytes = storage.read_bytes(storage.join(source_url, DATASET_JSON))

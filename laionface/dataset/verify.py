@@ -33,6 +33,7 @@ from laionface.dataset.contract import (
 )
 from laionface.io import storage
 from laionface.io.tars import HashingReader, UnsafeTar, iter_members, members_of, name_problem
+from laionface.layout import LEASE_FILE
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # One shard's problems are cut to this many lines (a broken shard can have thousands).
@@ -544,7 +545,7 @@ def _listing_problems(dataset_url: str, meta: dict) -> list[str]:
     for name in sorted(listing):
         if name.startswith(storage.TEMP_PREFIX):
             problems.append(f"{name}: a leftover partial write; delete it")
-        elif name not in files and name != contract.DATASET_JSON:
+        elif name not in files and name not in (contract.DATASET_JSON, LEASE_FILE):
             problems.append(f"{name}: not listed in dataset.json")
     for name in sorted(files):
         if name not in listing:

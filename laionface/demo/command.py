@@ -32,6 +32,7 @@ def run_demo(
     scheduler: str = "",
     workers: int | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> str:
     """Run the demo; returns the run folder URL."""
     corpus_dir = corpus_dir or str(Path(run_dir).parent / "demo-corpus")
@@ -51,6 +52,7 @@ def run_demo(
             scheduler=scheduler,
             workers=workers,
             progress=progress,
+            force=force,
         )
     run_url = run.url
     report = write_report(run_url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +22,42 @@ log = logging.getLogger("laionface")
 # torch nor img2dataset (~250 MB each).
 WORKER_PRELOAD = ("distributed", "numpy", "pyarrow", "pandas")
 
+# The fork server's environment. A process that forks while other threads run hands its children
+# every lock those threads held at that instant (a malloc arena, a BLAS pool's queue), held
+# forever: a worker then stalls in its first allocation. Importing the preload normally starts
+# four such threads (pyarrow's jemalloc purger, OpenBLAS and OpenMP pools); with these settings
+# none starts, so the fork server forks from its only thread (tests/test_cluster_start.py).
+# Workers inherit them: Dask gives its workers the same BLAS/OpenMP settings anyway, and
+# jemalloc then purges as it allocates instead of in a background thread.
+FORK_SERVER_ENVIRON = {
+    "JE_ARROW_MALLOC_CONF": "background_thread:false",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
-def _preload_worker_imports(modules: Iterable[str]) -> None:
+
+def _start_fork_server(modules: Iterable[str]) -> None:
+    """Start the fork server that LocalCluster workers fork from, with `modules` preloaded
+    (a running one is kept: its preload was fixed when it started)."""
+    import multiprocessing.forkserver
+
     import dask
     from distributed.utils import get_mp_context
 
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     # get_mp_context sets Dask's own preload list the first time; ours replaces it.
     get_mp_context().set_forkserver_preload([*WORKER_PRELOAD, *modules])
+    saved = {name: os.environ.get(name) for name in FORK_SERVER_ENVIRON}
+    os.environ.update(FORK_SERVER_ENVIRON)  # the server copies the environment as it starts
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -66,7 +95,7 @@ def open_client(
     processes = not storage.is_process_local(run_url)
     dashboard = bool(config.cluster.dashboard_address)
     if processes:
-        _preload_worker_imports(preload)
+        _start_fork_server(preload)
     cluster = LocalCluster(
         n_workers=workers or config.cluster.workers,
         threads_per_worker=config.cluster.threads_per_worker,

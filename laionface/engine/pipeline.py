@@ -19,6 +19,7 @@ from typing import Any
 from laionface.audit.funnel import write_audit
 from laionface.config import Config, ConfigError
 from laionface.engine.cluster import open_client
+from laionface.engine.lease import holding
 from laionface.engine.markers import now_iso
 from laionface.engine.runfolder import RunFolder
 from laionface.engine.runner import StageContext
@@ -142,14 +143,18 @@ def run_pipeline(
     workers: int | None = None,
     progress: bool = True,
     options: dict | None = None,
+    force: bool = False,
 ) -> RunFolder:
     """Run the chosen stages in order, then the audit; raises StageFailed naming the shards that
-    failed, or ConservationError when the funnel does not add up."""
+    failed, ConservationError when the funnel does not add up, or LeaseHeld when another command
+    is writing the run folder (`force` takes over a stale lease)."""
     names = parse_stages(stages)
-    run = RunFolder(resolve_run_url(config, run_dir))
-    run.start(config)
+    run_url = resolve_run_url(config, run_dir)
     preload = worker_preload(names)
-    with _RunLog(run), open_client(config, run.url, scheduler, workers, preload) as client:
-        log.info("run folder: %s", run.url)
-        run_stages(config, run, client, names, progress, options)
+    with holding(run_url, "laionface run", force):
+        run = RunFolder(run_url)
+        run.start(config)
+        with _RunLog(run), open_client(config, run.url, scheduler, workers, preload) as client:
+            log.info("run folder: %s", run.url)
+            run_stages(config, run, client, names, progress, options)
     return run

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,151 @@ def _require_resources(client: Any, resources: dict[str, float], step: str) -> N
     )
 
 
+# How often the driver looks at the running shards (and the progress bar moves without news).
+WATCH_SECONDS = 2.0
+
+
+# A worker not heard from for this long is stuck (its heartbeats come every second or so):
+# the task it runs starts counting towards its deadline, executing or not as far as the
+# scheduler knows (a task that wedges its worker at once is never reported executing).
+SILENT_SECONDS = 10.0
+
+
+def _scheduler_view() -> Callable[[Any], dict[str, dict]]:
+    """A function for `run_on_scheduler`: what the scheduler knows of each worker (seconds since
+    its last heartbeat, the tasks it was given, those it reported executing and for how long).
+    Defined in a closure so that it is pickled by value: the scheduler needs no laionface."""
+
+    def view(dask_scheduler: Any) -> dict[str, dict]:
+        import time as clock
+
+        now = clock.time()
+        return {
+            address: {
+                "silent": now - ws.last_seen,
+                "processing": [str(ts.key) for ts in ws.processing],
+                "executing": {str(ts.key): float(s) for ts, s in ws.executing.items()},
+            }
+            for address, ws in dask_scheduler.workers.items()
+        }
+
+    return view
+
+
+class Watchdog:
+    """Restarts the worker of a shard that runs past its deadline, so a task wedged in C with the
+    GIL held, a stopped worker process or a deadlocked fork is retried instead of hanging the run.
+
+    A shard's clock is the time the scheduler has seen it executing on a worker (workers report
+    it in their heartbeats), or, on a worker silent for SILENT_SECONDS, the time since it went
+    silent; time spent queued does not count, and the clock starts again on another worker. The
+    restart goes through the worker's nanny, which kills the process whatever its threads are
+    doing; the scheduler then reschedules the shard (after
+    `distributed.scheduler.allowed-failures` deaths it fails as KilledWorker and is recorded).
+    """
+
+    def __init__(self, client: Any, step: str, deadline: float):
+        self.client = client
+        self.step = step
+        self.deadline = deadline
+        self.started: dict[tuple[str, str], float] = {}  # (task key, worker) -> start
+        self.restarts: dict[str, int] = {}  # shard -> restarts
+
+    def check(self, running: dict[str, str]) -> None:
+        """Look at the tasks `running` ({task key: shard}); restart workers past the deadline."""
+        if not self.deadline or not running:
+            return
+        now = time.monotonic()
+        clocks = {}
+        view = self.client.run_on_scheduler(_scheduler_view())
+        for worker, state in view.items():
+            for key in state["processing"]:
+                if key not in running:
+                    continue
+                if key in state["executing"]:
+                    start = now - state["executing"][key]
+                elif state["silent"] > SILENT_SECONDS:
+                    start = now
+                else:
+                    continue  # queued on a live worker
+                clocks[(key, worker)] = min(start, self.started.get((key, worker), start))
+        self.started = {}
+        for (key, worker), start in clocks.items():
+            if now - start > self.deadline:
+                self._restart(worker, running[key], now - start)
+            else:
+                self.started[(key, worker)] = start
+
+    def _restart(self, worker: str, shard: str, seconds: float) -> None:
+        self.restarts[shard] = self.restarts.get(shard, 0) + 1
+        log.warning(
+            "%s: shard %s has run %.0f s on %s, past its deadline (%.0f s): restarting the "
+            "worker; the shard will be retried",
+            self.step,
+            shard,
+            seconds,
+            worker,
+            self.deadline,
+        )
+        try:
+            self.client.restart_workers([worker], raise_for_error=True)
+        except Exception as exc:  # a worker without a nanny can't be restarted from here
+            log.error("%s: could not restart %s (%s): restart it by hand", self.step, worker, exc)
+
+    def explain(self, shard: str, error: str) -> str:
+        """The error of a failed shard, with the restarts that preceded it."""
+        restarts = self.restarts.get(shard)
+        if not restarts:
+            return error
+        return (
+            f"{error} (its worker was restarted {restarts} time(s): past the {self.deadline:.0f} s "
+            "deadline; raise cluster.task_timeout if such a shard really takes longer)"
+        )
+
+
+def _as_completed(futures: dict, watchdog: Watchdog) -> Iterator[Any]:
+    """The futures as they finish, with the watchdog looking at the others in between."""
+    from distributed import wait
+
+    pending = set(futures)
+    while pending:
+        try:
+            finished, pending = wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            finished = set()
+        yield from finished
+        watchdog.check({future.key: futures[future] for future in pending})
+
+
+class _Progress:
+    """The progress bar of a step (shards done, items per second)."""
+
+    def __init__(self, step: str, total: int, initial: int, unit: str, enabled: bool):
+        self.unit = unit
+        self.items = 0
+        self.started = time.perf_counter()
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=step,
+            unit="shard",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def add(self, items: int) -> None:
+        self.items += items
+
+    def update(self) -> None:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.items / elapsed:,.1f} {self.unit}/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass
 class _Pending:
     """A task to run, with what its marker will record."""
@@ -168,6 +313,7 @@ class StageContext:
         resources: dict[str, float] | None = None,
         unit: str = "items",
         local: bool = False,
+        deadline: float | None = None,
     ) -> dict[str, dict]:
         """Run `fn(**task.kwargs)` for every task whose marker is not current.
 
@@ -177,6 +323,8 @@ class StageContext:
         `cluster.retries` retries are recorded and raised as StageFailed once all others
         have finished. local: run the tasks here, one after the other, without retries, their
         errors raised as they are: for a step whose errors are the user's to fix at once.
+        deadline: seconds a shard may run before its worker is restarted (Watchdog; default
+        cluster.task_timeout, 0 = none).
         """
         settings_fp = markers.digest(self.settings() if settings is None else settings)
         if resources is None and self.stage is not None:
@@ -189,7 +337,11 @@ class StageContext:
         else:
             if todo and resources:
                 _require_resources(self.client, resources, step)
-            failures, items = self._submit(step, fn, todo, settings_fp, resources, done, unit)
+            if deadline is None:
+                deadline = self.config.cluster.task_timeout
+            failures, items = self._submit(
+                step, fn, todo, settings_fp, resources, done, unit, deadline
+            )
         self._finished(step, status, done, failures, time.perf_counter() - started)
         log.info(
             "%s: %d/%d shards complete (%d skipped as already done), %d %s in %.1f s%s",
@@ -273,10 +425,9 @@ class StageContext:
         resources: dict[str, float] | None,
         done: dict[str, dict],
         unit: str,
+        deadline: float,
     ) -> tuple[dict[str, str], int]:
         """Run the tasks; fill `done` with their stats; returns (failures, items made)."""
-        from distributed import as_completed
-
         futures = {}
         for pending in todo:
             task = pending.task
@@ -296,33 +447,22 @@ class StageContext:
                 pure=False,
             )
             futures[future] = task.shard
-        bar = tqdm(
-            total=len(todo) + len(done),
-            initial=len(done),
-            desc=step,
-            unit="shard",
-            disable=not self.progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        progress = _Progress(step, len(todo) + len(done), len(done), unit, self.progress)
+        watchdog = Watchdog(self.client, step, deadline)
         failures: dict[str, str] = {}
-        items = 0
-        started = time.perf_counter()
-        for future in as_completed(list(futures)):
+        for future in _as_completed(futures, watchdog):
             shard = futures[future]
             try:
                 stats = future.result()
             except Exception as exc:  # recorded; the other shards go on
-                failures[shard] = f"{type(exc).__name__}: {exc}"
+                failures[shard] = watchdog.explain(shard, f"{type(exc).__name__}: {exc}")
                 log.debug("shard %s/%s failed:\n%s", step, shard, traceback.format_exc())
             else:
                 done[shard] = stats
-                items += int(stats.get("items", 0))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(f"{items / elapsed:,.1f} {unit}/s", refresh=False)
-            bar.update(1)
-        bar.close()
-        return failures, items
+                progress.add(int(stats.get("items", 0)))
+            progress.update()
+        progress.close()
+        return failures, progress.items
 
     def _finished(
         self, step: str, status: dict, done: dict, failures: dict, seconds: float

@@ -18,10 +18,14 @@ a few driver-side files:
    exactly rows_per_shard rows (the last one shorter): metadata/shards/NNNNN.parquet
    (DOWNLOAD_SHARD). A task writes consecutive shards (SHARD_TASK_ROWS rows at most, and at
    least MIN_SHARD_TASKS tasks). Stats: items (rows written), shards.
-4. The driver writes metadata/drops/duplicate_url.parquet (DROP_COUNTS per input file),
+4. `metadata/ids`: the SAMPLE_IDs that several kept rows share (LAION's SAMPLE_ID is not a
+   unique key), one task per hash bucket of at most IDS_PER_BUCKET IDs; counted in the summary
+   (`shared_sample_ids`: ids, rows, examples) and warned about. Every row keeps its own key.
+5. The driver writes metadata/drops/duplicate_url.parquet (DROP_COUNTS per input file),
    metadata/inputs.parquet (METADATA_INPUTS: per input file, input_rows = kept_rows +
    dropped_rows, checked before it is written) and metadata/summary.json (input_files,
-   input_rows, kept_rows, dropped {reason: count}, shards, rows_per_shard, reasons), and removes
+   input_rows, kept_rows, dropped {reason: count}, shards, rows_per_shard, reasons,
+   shared_sample_ids), and removes
    files that an earlier plan left behind (shards past the new count, parts of inputs no longer
    listed). The audit sums metadata/drops/*.parquet by (source, reason).
 """
@@ -61,6 +65,8 @@ DEDUP_BUCKET_ROWS = 8_000_000
 # Rows of consecutive shards written by one shards task at most, and the fewest such tasks.
 SHARD_TASK_ROWS = 200_000
 MIN_SHARD_TASKS = 8
+# SAMPLE_IDs one task of the shared-ID count reads at most (8 bytes each).
+IDS_PER_BUCKET = 50_000_000
 # Part of the parts step's settings: a run folder written by an older layout of metadata/
 # redoes its parts instead of reading them.
 OUTPUT_VERSION = 2
@@ -302,7 +308,41 @@ def run(ctx: StageContext) -> None:
     ctx.map_shards("metadata/shards", steps.write_shards, tasks, settings=settings, unit="rows")
     _remove_except(ctx.layout.metadata_shards, {shard_name(n) for n in range(n_shards)})
     per_file = _per_file_counts(files, parts, part_stats, duplicates, final_rows)
-    _write_summary(ctx, per_file, n_shards)
+    shared = _count_shared_ids(ctx, n_shards, sum(final_rows))
+    _write_summary(ctx, per_file, n_shards, shared)
+
+
+def _count_shared_ids(ctx: StageContext, n_shards: int, rows: int) -> dict:
+    """SAMPLE_IDs that several kept rows share (step metadata/ids): {ids, rows, examples}."""
+    if not ctx.config.metadata.columns.sample_id or not n_shards:
+        return {"ids": 0, "rows": 0, "examples": []}
+    urls = [ctx.layout.metadata_shard(shard_name(n)) for n in range(n_shards)]
+    buckets = max(1, math.ceil(rows / IDS_PER_BUCKET))
+    tasks = [
+        ShardTask(
+            shard_name(b),
+            dict(shard_urls=urls, bucket=b, buckets=buckets),
+            inputs=tuple(urls),
+        )
+        for b in range(buckets)
+    ]
+    stats = ctx.map_shards(
+        "metadata/ids", steps.count_shared_ids, tasks, settings={"buckets": buckets}, unit="ids"
+    )
+    shared = {
+        "ids": sum(s["shared_ids"] for s in stats.values()),
+        "rows": sum(s["rows"] for s in stats.values()),
+        "examples": sorted(e for s in stats.values() for e in s["examples"])[:5],
+    }
+    if shared["ids"]:
+        log.warning(
+            "metadata: %s SAMPLE_IDs are shared by %s kept rows (e.g. %s): each row keeps its "
+            "own key, and exports keep every image",
+            f"{shared['ids']:,}",
+            f"{shared['rows']:,}",
+            ", ".join(map(str, shared["examples"])),
+        )
+    return shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +406,9 @@ def _write_count_tables(ctx: StageContext, per_file: list[dict[str, Any]]) -> No
     )
 
 
-def _write_summary(ctx: StageContext, per_file: list[dict[str, Any]], n_shards: int) -> None:
+def _write_summary(
+    ctx: StageContext, per_file: list[dict[str, Any]], n_shards: int, shared: dict
+) -> None:
     _write_count_tables(ctx, per_file)
     dropped = {
         reason: sum(e["dropped"].get(reason, 0) for e in per_file) for reason in METADATA_REASONS
@@ -380,10 +422,14 @@ def _write_summary(ctx: StageContext, per_file: list[dict[str, Any]], n_shards: 
         "shards": n_shards,
         "rows_per_shard": ctx.config.metadata.rows_per_shard,
         "reasons": list(METADATA_REASONS),
+        "shared_sample_ids": shared,
     }
     storage.write_json(ctx.layout.metadata_summary, summary)
     ctx.run.stage(NAME).update(
-        input_rows=summary["input_rows"], kept_rows=summary["kept_rows"], shards=n_shards
+        input_rows=summary["input_rows"],
+        kept_rows=summary["kept_rows"],
+        shards=n_shards,
+        shared_sample_ids=shared,
     )
     ctx.run.save()
     log.info(

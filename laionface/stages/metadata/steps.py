@@ -243,3 +243,23 @@ def write_shards(
             pq.write_table(shard, handle, compression="snappy", use_dictionary=SHARD_DICTIONARY)
         offset += size
     return {"items": offset, "shards": len(shard_sizes)}
+
+
+def count_shared_ids(*, shard_urls: list[str], bucket: int, buckets: int) -> dict:
+    """The SAMPLE_IDs that several rows of the download shards share, among the IDs of one hash
+    bucket (ID mod buckets): LAION's SAMPLE_ID is not a unique key. Returns how many IDs are
+    shared, by how many rows, and a few of them."""
+    parts = []
+    for url in shard_urls:
+        column = storage.read_parquet(url, columns=["SAMPLE_ID"]).column("SAMPLE_ID")
+        ids = pc.drop_null(column).to_numpy().astype(np.int64)
+        parts.append(ids[ids.view(np.uint64) % np.uint64(buckets) == bucket])
+    ids = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+    values, counts = np.unique(ids, return_counts=True)
+    shared = counts > 1
+    return {
+        "items": int(ids.size),
+        "shared_ids": int(shared.sum()),
+        "rows": int(counts[shared].sum()),
+        "examples": values[shared][:5].tolist(),
+    }
