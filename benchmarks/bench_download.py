@@ -14,7 +14,18 @@ end as img2dataset's own `NNNNN_stats.json` files record them in both outputs (t
 shards and the layer that hands them out, without the fixed cost of starting processes, which on a
 loaded 2-core machine is most of a 2,000-image run).
 
+Like for like: laionface's per-host cap (`download.max_per_host`) is set to the thread count,
+since every image comes from one host and img2dataset has no such cap; and the environment
+Dask's nanny leaves in this process (`MALLOC_TRIM_THRESHOLD_`, which slows glibc's malloc, see
+stages/download/heap.py) is undone before img2dataset spawns its processes.
+
+`--shard-cpu` measures instead the CPU time per image of one shard of `--rows-per-shard` rows in
+this process, img2dataset's `Downloader` against laionface's `download_shard` (address guard,
+pixel cap, politeness, sorted categorised parquet, atomic moves), alternating `--rounds` times:
+the per-request and per-shard cost laionface adds, without processes or Dask.
+
     python benchmarks/bench_download.py [--images 2000] [--processes 2] [--threads 32]
+    python benchmarks/bench_download.py --shard-cpu [--rows-per-shard 1000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -191,6 +203,8 @@ def run_laionface(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple
     config.download.user_agent_token = "laionface"
     config.download.save_additional_columns = list(EXTRA_COLUMNS)
     config.download.allow_loopback = True  # the benchmark server is on 127.0.0.1
+    config.download.max_per_host = args.threads  # one host serves all: no cap, as img2dataset
+    environ = dict(os.environ)
     started = time.perf_counter()
     # What `laionface run --stages download` does, minus the audit of the other stages' outputs.
     run = RunFolder(str(out))
@@ -198,55 +212,121 @@ def run_laionface(table: pa.Table, out: Path, args: argparse.Namespace) -> tuple
     with open_client(config, run.url, preload=worker_preload(["download"])) as client:
         run_stage(StageContext(config, run, client, progress=False, stage=stage_of("download")))
     seconds = time.perf_counter() - started
+    # Dask's nanny set variables for its workers in this process; img2dataset's next round would
+    # inherit them.
+    os.environ.clear()
+    os.environ.update(environ)
     outcomes = run.state["stages"]["download"]["outcomes"]
     if outcomes["successes"] != table.num_rows:
         sys.exit(f"laionface downloaded {outcomes['successes']} of {table.num_rows} images")
     return seconds, [json.loads(p.read_text()) for p in (out / "raw").glob("*_stats.json")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--rows-per-shard", type=int, default=250)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--workdir", default="", help="default: a temporary folder")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+def _img2dataset_shard(table: pa.Table, out: Path, threads: int) -> None:
+    """One shard through img2dataset's Downloader, as its download() builds it for these options."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-download-"))
-    names = make_images(work / "corpus" / "images", args.images)
-    total_mb = sum((work / "corpus" / "images" / n).stat().st_size for n in names) / 1e6
-    print(
-        f"{args.images} JPEGs, {total_mb:.1f} MB; {args.processes} processes x {args.threads} threads"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    columns = [*EXTRA_COLUMNS, "caption", "url"]
+    arrow = table.select([*EXTRA_COLUMNS, "TEXT", "URL"]).rename_columns(columns)
+    feather = str(out / "00000.feather")
+    with pa.OSFile(feather, "wb") as sink, pa.ipc.new_file(sink, arrow.schema) as writer:
+        writer.write_table(arrow)
+    resizer = Resizer(image_size=256, resize_mode="no", resize_only_if_bigger=False)
+    Downloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=threads,
+        save_caption=True,
+        extract_exif=True,
+        output_folder=str(out),
+        column_list=columns,
+        timeout=10,
+        number_sample_per_shard=10_000,
+        oom_shard_count=5,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=0,
+        user_agent_token="laionface",
+        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+    ).download_shard((0, feather))
+
+
+def _laionface_shard(table: pa.Table, out: Path, threads: int) -> None:
+    """The same shard through the download stage's shard function (no Dask)."""
+    from laionface.stages.download.shard import download_shard
+
+    shutil.rmtree(out, ignore_errors=True)
+    in_url = str(out / "metadata" / "shards" / "00000.parquet")
+    storage.write_parquet(table, in_url)
+    config = Config()
+    config.download.timeout = 10
+    config.download.thread_count = threads
+    config.download.max_per_host = threads
+    config.download.allow_loopback = True
+    settings = config.download.model_dump()
+    download_shard(
+        in_url=in_url,
+        raw_url=str(out / "raw"),
+        shard_id=0,
+        settings=settings,
+        samples_per_shard=10_000,
     )
-    with server_process(work / "corpus") as base_url:
-        rate = fetch_rate([f"{base_url}/img/{name}" for name in names], args.threads)
+
+
+def shard_cpu(table: pa.Table, work: Path, args: argparse.Namespace) -> None:
+    """CPU microseconds per image of one shard in this process, both sides, alternating."""
+    sides = {"img2dataset": _img2dataset_shard, "laionface": _laionface_shard}
+    for name, side in sides.items():  # warm up: imports, first connections
+        side(table.slice(0, 20), work / name, args.threads)
+    per_image: dict[str, list[float]] = {name: [] for name in sides}
+    for round_ in range(args.rounds):
+        for name, side in sides.items():
+            started = time.process_time()
+            side(table, work / name, args.threads)
+            per_image[name].append((time.process_time() - started) / table.num_rows * 1e6)
         print(
-            f"image server alone (its own process; {args.threads} urllib client threads): "
-            f"{rate['requests_per_s']:,.0f} images/s, {rate['mb_per_s']:.0f} MB/s"
+            f"round {round_ + 1}: CPU per image: img2dataset {per_image['img2dataset'][-1]:.0f} us,"
+            f" laionface {per_image['laionface'][-1]:.0f} us"
         )
-        table = rows_for(base_url, names)
-        times: dict[str, list[float]] = {"img2dataset": [], "laionface": []}
-        spans: dict[str, list[float]] = {"img2dataset": [], "laionface": []}
-        runners = {"img2dataset": run_img2dataset, "laionface": run_laionface}
-        for round_ in range(args.rounds):
-            for name, runner in runners.items():
-                seconds, stats = runner(table, work / name, args)
-                times[name].append(seconds)
-                # From the first shard's start to the last one's end, as img2dataset's own stats
-                # files record them in both outputs: the work without process start and stop.
-                spans[name].append(
-                    max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
-                )
-            print(
-                f"round {round_ + 1}: whole command: img2dataset {times['img2dataset'][-1]:.2f} s,"
-                f" laionface {times['laionface'][-1]:.2f} s; first shard start to last shard end:"
-                f" img2dataset {spans['img2dataset'][-1]:.2f} s,"
-                f" laionface {spans['laionface'][-1]:.2f} s"
+    best = {name: min(values) for name, values in per_image.items()}
+    print(
+        f"\nbest of {args.rounds}: img2dataset {best['img2dataset']:.0f} us/image, laionface "
+        f"{best['laionface']:.0f} us/image; laionface adds {best['laionface'] - best['img2dataset']:+.0f} us"
+        f" ({best['laionface'] / best['img2dataset']:.3f}x)"
+    )
+
+
+def side_by_side(base_url: str, names: list[str], work: Path, args: argparse.Namespace) -> None:
+    """Both downloaders on the same images, `--rounds` times alternating; the table of the best."""
+    rate = fetch_rate([f"{base_url}/img/{name}" for name in names], args.threads)
+    print(
+        f"image server alone (its own process; {args.threads} urllib client threads): "
+        f"{rate['requests_per_s']:,.0f} images/s, {rate['mb_per_s']:.0f} MB/s"
+    )
+    table = rows_for(base_url, names)
+    times: dict[str, list[float]] = {"img2dataset": [], "laionface": []}
+    spans: dict[str, list[float]] = {"img2dataset": [], "laionface": []}
+    runners = {"img2dataset": run_img2dataset, "laionface": run_laionface}
+    for round_ in range(args.rounds):
+        for name, runner in runners.items():
+            seconds, stats = runner(table, work / name, args)
+            times[name].append(seconds)
+            # From the first shard's start to the last one's end, as img2dataset's own stats
+            # files record them in both outputs: the work without process start and stop.
+            spans[name].append(
+                max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
             )
+        print(
+            f"round {round_ + 1}: whole command: img2dataset {times['img2dataset'][-1]:.2f} s,"
+            f" laionface {times['laionface'][-1]:.2f} s; first shard start to last shard end:"
+            f" img2dataset {spans['img2dataset'][-1]:.2f} s,"
+            f" laionface {spans['laionface'][-1]:.2f} s"
+        )
     n = args.images
     best = {name: min(values) for name, values in times.items()}
     span = {name: min(values) for name, values in spans.items()}
@@ -272,6 +352,31 @@ def main() -> None:
         f"{best['img2dataset'] / best['laionface']:.2f}; first shard start to last shard end: "
         f"{span['img2dataset'] / span['laionface']:.2f} (goal >= 0.95; best of {args.rounds})"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--rows-per-shard", type=int, default=250)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shard-cpu", action="store_true", help="one shard's CPU, in-process")
+    parser.add_argument("--workdir", default="", help="default: a temporary folder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-download-"))
+    images = args.rows_per_shard if args.shard_cpu else args.images
+    names = make_images(work / "corpus" / "images", images)
+    total_mb = sum((work / "corpus" / "images" / n).stat().st_size for n in names) / 1e6
+    print(f"{images} JPEGs, {total_mb:.1f} MB; {args.processes} processes x {args.threads} threads")
+    with server_process(work / "corpus") as base_url:
+        if args.shard_cpu:
+            shard_cpu(rows_for(base_url, names), work, args)
+        else:
+            side_by_side(base_url, names, work, args)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -167,7 +167,8 @@ class DownloadSection(Section):
     shard_deadline: Annotated[float, Field(ge=0)] = 0.0
     # Warn when a shard's failure rate passes this fraction.
     failure_rate_warning: Fraction = 0.5
-    # Requests in flight to one host at once, across a shard's threads (politeness).
+    # Requests in flight to one host at once, across the download threads of a worker process
+    # (its shards' threads together: never more than this per host from one process).
     max_per_host: PositiveInt = 8
     # Answers 429 / 503 are retried this many times, after the Retry-After delay they ask for
     # (at most max_retry_after seconds; longer asks fail as rate_limited at once).

@@ -11,6 +11,7 @@ everywhere else; no other module spells a path segment or a shard format.
                                            scan (kept/, drops/, urlhash/, dupes/), lists/,
                                            inputs.parquet, summary.json
       download/retry/NNNNN.parquet         inputs of --retry-failed rounds
+      download/pieces/                     parts of raw shards whose worker died, downloaded apart
       raw/NNNNN.{tar,parquet}, NNNNN_stats.json   img2dataset's output
       faces/NNNNN.parquet, select/NNNNN.parquet   one per raw shard
       dedup/                               samples/, reference/, bands/, pairs/ (steps),
@@ -291,6 +292,11 @@ class RunLayout:
 
     def retry_input(self, shard: str) -> str:
         return self.path(DOWNLOAD, "retry", f"{shard}.parquet")
+
+    @property
+    def download_pieces(self) -> str:
+        """Parts of raw shards whose worker died, downloaded apart (stages.download.isolation)."""
+        return self.path(DOWNLOAD, "pieces")
 
     # faces, select
 

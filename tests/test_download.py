@@ -232,12 +232,26 @@ def test_private_and_loopback_addresses_are_refused(server, ok_files, tmp_path):
         "http://0.0.0.0/image.jpg",
         "http://[::ffff:169.254.169.254]/latest/meta-data/",  # IPv4-mapped IPv6
         f"http://{DEMO_HOST}/redirect/private/x",  # a redirect to the metadata service
+        # IPv6 addresses that carry traffic to a refused IPv4 address
+        "http://[2002:a9fe:a9fe::1]/latest/meta-data/",  # 6to4 of 169.254.169.254
+        "http://[2002:a00:1::1]/image.jpg",  # 6to4 of 10.0.0.1
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/image.jpg",  # Teredo (client 192.0.2.45)
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 of 169.254.169.254
+        # cloud metadata services, public addresses among them
+        "http://168.63.129.16/machine?comp=goalstate",  # Azure's wire server
+        "http://100.100.100.200/latest/meta-data/",  # Alibaba Cloud
     ]
     server.reset()
     strict = _config(resolve=server.resolve_map, allow_loopback=False)
     rows = _download_rows(str(tmp_path / "strict"), strict, urls)
     assert [r["error_category"] for r in rows] == ["blocked_address"] * len(urls)
     assert server.requests == {}  # refused before connecting, redirect included
+    messages = {r["url"]: r["error_message"] for r in rows}
+    assert "6to4 address of 169.254.169.254" in messages[urls[10]]
+    assert "6to4 address of 10.0.0.1" in messages[urls[11]]
+    assert "Teredo address of 192.0.2.45" in messages[urls[12]]
+    assert "NAT64 address of 169.254.169.254" in messages[urls[13]]
+    assert "cloud metadata service" in messages["http://168.63.129.16/machine?comp=goalstate"]
     # The checks apply while a shard downloads, not to the rest of the process afterwards.
     with urllib.request.urlopen(f"{server.base_url}/img/{image}", timeout=5) as response:
         assert response.status == 200
@@ -245,7 +259,7 @@ def test_private_and_loopback_addresses_are_refused(server, ok_files, tmp_path):
     # allow_loopback permits loopback and nothing else.
     demo = _config(resolve=server.resolve_map, allow_loopback=True)
     rows = _download_rows(str(tmp_path / "demo"), demo, urls)
-    assert [r["error_category"] for r in rows] == [None] * 3 + ["blocked_address"] * 7
+    assert [r["error_category"] for r in rows] == [None] * 3 + ["blocked_address"] * 13
     assert server.request_count("/redirect/private/x") == 1
 
 
@@ -293,6 +307,8 @@ class _EdgeHandler(http.server.BaseHTTPRequestHandler):
                     time.sleep(0.2)
             elif name == "forbidden":
                 self._send(403, b"forbidden")
+            elif name == "empty":
+                self._send(200, b"", {"Content-Type": "image/jpeg"})
             elif name == "loop":
                 self._send(302, b"", {"Location": "/loop"})
             else:
@@ -344,6 +360,7 @@ def test_size_caps_deadlines_and_network_failures_are_classified(edge_server, tm
         f"{edge_server}/wide.jpg": "bad_aspect_ratio",
         f"{edge_server}/area.jpg": "too_large",  # max_image_area
         f"{edge_server}/forbidden": "http_4xx",
+        f"{edge_server}/empty": "not_an_image",  # a 0-byte body
         f"{edge_server}/missing.jpg": "http_404",
         f"{edge_server}/loop": "other",  # redirect loop
         f"http://127.0.0.1:{_closed_port()}/x.jpg": "connection",
@@ -368,6 +385,7 @@ def test_size_caps_deadlines_and_network_failures_are_classified(edge_server, tm
     assert messages[f"{edge_server}/big-with-length"].startswith("too_large:")
     assert messages[f"{edge_server}/big-chunked"].startswith("too_large:")
     assert "request_deadline" in messages[f"{edge_server}/trickle"]
+    assert "empty response body (0 bytes)" in messages[f"{edge_server}/empty"]
 
 
 def test_shard_past_its_deadline_fails_and_leaves_nothing(server, ok_files, tmp_path):
@@ -425,7 +443,7 @@ def test_killed_shard_is_never_visible_and_resumes(server, client, ok_files, tmp
     def partial_tar() -> bool:
         if process.poll() is not None:
             pytest.fail(f"the shard process ended early: {process.stderr.read().decode()[-2000:]}")
-        tars = list(raw.glob(".tmp-00000-*/00000.tar")) if raw.exists() else []
+        tars = list(raw.glob(".tmp-00000/*/00000.tar")) if raw.exists() else []
         return bool(tars) and tars[0].stat().st_size > 0
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import http.client
 import socket
@@ -16,9 +17,11 @@ import pytest
 
 from laionface.demo.corpus import DEMO_HOST
 from laionface.demo.imageserver import (
+    BUSY_DATE_SECONDS,
     HTML_PAGE,
     PRIVATE_REDIRECT_TARGET,
     ImageServer,
+    RateLimit,
 )
 from tests.imageservers import CountingImageServer
 
@@ -133,6 +136,74 @@ def test_flaky_count_is_per_server_instance(demo_corpus, truth):
     for _ in range(2):
         with ImageServer(demo_corpus.root) as fresh:
             assert _get(fresh.url(row["URL"]))[0] == 500
+
+
+def test_busy_asks_to_come_back_later_then_serves_the_file(server, truth):
+    row = _rows(truth, "ok")[0]
+    name = row["file"]
+    path = f"/busy/429/2/3/{name}"
+    for _ in range(2):
+        status, headers, _ = _get(server.url(path))
+        assert (status, headers["Retry-After"]) == (429, "3")
+    status, _, body = _get(server.url(path))
+    assert status == 200 and _sha256(body) == row["sha256"]
+
+    status, headers, _ = _get(server.url(f"/busy/503/1/date/{name}"))
+    asked = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp() - time.time()
+    assert status == 503 and BUSY_DATE_SECONDS - 1.5 < asked <= BUSY_DATE_SECONDS
+    status, headers, _ = _get(server.url(f"/busy/429/1/none/{name}"))
+    assert status == 429 and "Retry-After" not in headers
+    for bad in (f"/busy/500/1/1/{name}", f"/busy/429/1/soon/{name}", "/busy/429/1/1/missing.jpg"):
+        assert _get(server.url(bad))[0] == 404, bad
+
+    answers = server.rate_limited_answers
+    assert [(a.path, a.status) for a in answers] == [
+        (path, 429),
+        (path, 429),
+        (f"/busy/503/1/date/{name}", 503),
+        (f"/busy/429/1/none/{name}", 429),
+    ]
+    server.reset()
+    assert server.rate_limited_answers == []
+    assert _get(server.url(path))[0] == 429
+
+
+def test_limited_host_refuses_past_its_in_flight_limit_and_counts_concurrency(demo_corpus, truth):
+    row = _rows(truth, "ok")[0]
+    rule = RateLimit(in_flight=2, per_second=100, retry_after=7, hold_seconds=2.0)
+    with ImageServer(demo_corpus.root, rate_limit=rule) as server:
+        url = server.url(f"/limited/{row['file']}")
+        start = threading.Barrier(5)
+        answers: list[tuple[int, dict[str, str], bytes]] = []
+
+        def client() -> None:
+            start.wait()
+            answers.append(_get(url, timeout=30))
+
+        threads = [threading.Thread(target=client) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        # Two let through (held 2 s each, so all five overlap them), three refused at once.
+        assert sorted(status for status, _, _ in answers) == [200, 200, 429, 429, 429]
+        assert all(h["Retry-After"] == "7" for status, h, _ in answers if status == 429)
+        assert all(_sha256(b) == row["sha256"] for status, _, b in answers if status == 200)
+        assert server.max_in_flight >= 2
+        assert len(server.rate_limited_answers) == 3
+
+
+def test_limited_host_refuses_past_its_rate(demo_corpus, truth):
+    row = _rows(truth, "ok")[0]
+    rule = RateLimit(in_flight=100, per_second=3, retry_after=1, hold_seconds=0.0)
+    with ImageServer(demo_corpus.root, rate_limit=rule) as server:
+        first_second = int(time.monotonic())  # the server's clock seconds
+        statuses = [_get(server.url(f"/limited/{row['file']}"))[0] for _ in range(10)]
+        seconds = int(time.monotonic()) - first_second + 1
+    # At most 3 let through in each clock second the requests spanned, the first 3 always.
+    assert statuses[:3] == [200] * 3
+    assert statuses.count(200) <= 3 * seconds
+    assert statuses.count(429) == 10 - statuses.count(200) >= 10 - 3 * seconds
 
 
 def test_redirects_stay_on_the_requested_host_or_point_at_link_local(server, truth):

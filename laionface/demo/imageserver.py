@@ -18,21 +18,35 @@ Routes (`<file>` is one file name in the corpus's `images/` folder; a query stri
                              which a downloader must refuse before connecting
     /error/<code>/<any>      that 5xx status (500-599) with a short text body
     /html/<any>              200 `text/html` (`HTML_PAGE`): a page where an image was expected
+    /busy/<code>/<n>/<after>/<file>
+                             429 or 503 (`code`) for the first n requests of this path, then the
+                             file; `after` is the Retry-After sent: seconds (digits), `date` (an
+                             HTTP date `BUSY_DATE_SECONDS` ahead) or `none` (no header); counted
+                             per server instance like /flaky/
+    /limited/<file>          the rate-limited host (`RateLimit`): 429 with `Retry-After:
+                             retry_after` when `in_flight` /limited/ requests are in flight or
+                             `per_second` were let through in this clock second already, else the
+                             file after `hold_seconds` (so that requests overlap)
     anything else            404
 
 GET and HEAD are answered alike (HEAD without the body), always with a Content-Length, over
 HTTP/1.1 keep-alive. File bytes are read once and served from memory. Nothing is logged to stderr;
-`on_request(path)`, when given, is called with the path of every request.
+`on_request(path)`, when given, is called with the path of every request. The server counts the
+most requests it had in flight at once (received, not yet answered: `max_in_flight`, every
+route) and records each 429 / 503 it answers on /busy/ and /limited/ (`rate_limited_answers`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import email.utils
 import http.server
 import socketserver
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -56,6 +70,33 @@ CONTENT_TYPES = {
 }
 
 
+# An answer: status, headers, body.
+Answer = tuple[int, dict[str, str], bytes]
+# How far ahead the HTTP date of `/busy/.../date/...` lies.
+BUSY_DATE_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The rules of `/limited/`: what the rate-limited host tolerates, and how long it holds a
+    request it lets through."""
+
+    in_flight: int = 4
+    per_second: int = 20
+    retry_after: int = 1
+    hold_seconds: float = 0.05
+
+
+@dataclass(frozen=True)
+class RateLimitedAnswer:
+    """A 429 or 503 the server answered on /busy/ or /limited/ (`at`: time.monotonic())."""
+
+    at: float
+    path: str
+    status: int
+    retry_after: str | None
+
+
 def truncated_body(data: bytes) -> bytes:
     """What `/truncated/<file>` serves: the first half of the file's bytes."""
     return data[: len(data) // 2]
@@ -76,16 +117,62 @@ class _Server(http.server.ThreadingHTTPServer):
         images_dir: Path,
         slow_seconds: float,
         on_request: Callable[[str], None] | None,
+        rate_limit: RateLimit,
     ) -> None:
         self.files = {p.name: p for p in images_dir.iterdir() if p.is_file()}
         self.cache: dict[str, bytes] = {}
         self.slow_seconds = slow_seconds
         self.on_request = on_request
+        self.rate_limit = rate_limit
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.flaky_served: collections.Counter[str] = collections.Counter()
         self.errors = 0
+        self.in_flight = self.max_in_flight = 0
+        self.limited_in_flight = 0
+        self.limited_second, self.limited_let_through = -1, 0
+        self.rate_limited_answers: list[RateLimitedAnswer] = []
         super().__init__(address, _Handler)
+
+    def arrive(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def depart(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def admit_limited(self) -> bool:
+        """Whether `/limited/` lets one more request through now (it then counts as in flight
+        there until `leave_limited`)."""
+        rule = self.rate_limit
+        second = int(time.monotonic())
+        with self.lock:
+            if second != self.limited_second:
+                self.limited_second, self.limited_let_through = second, 0
+            if (
+                self.limited_in_flight >= rule.in_flight
+                or self.limited_let_through >= rule.per_second
+            ):
+                return False
+            self.limited_in_flight += 1
+            self.limited_let_through += 1
+            return True
+
+    def leave_limited(self) -> None:
+        with self.lock:
+            self.limited_in_flight -= 1
+
+    def rate_limited(self, path: str, status: int, retry_after: str | None) -> Answer:
+        """Answer `status` asking to come back after `retry_after` (None: no header); recorded."""
+        with self.lock:
+            answer = RateLimitedAnswer(time.monotonic(), path, status, retry_after)
+            self.rate_limited_answers.append(answer)
+        _, headers, body = _text(status, "slow down")
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        return status, headers, body
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can hang offline.
@@ -129,11 +216,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = url_path(self.path)
         if self.server.on_request is not None:
             self.server.on_request(path)
+        # In flight: received and not answered yet. Counted until the answer starts, so a client
+        # that holds a request from connecting to reading the last byte always holds it longer.
+        self.server.arrive()
         try:
             status, headers, body = self._route(path)
         except _Abandon:
             self.close_connection = True
             return
+        finally:
+            self.server.depart()
         try:
             self.send_response(status)
             for key, value in headers.items():
@@ -145,7 +237,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def _route(self, path: str) -> tuple[int, dict[str, str], bytes]:
+    def _route(self, path: str) -> Answer:
         parts = path.strip("/").split("/")
         head, rest = parts[0], parts[1:]
         if head == "img" and len(rest) == 1:
@@ -181,9 +273,41 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return _text(int(rest[0]), "server error")
         if head == "html" and len(rest) == 1:
             return 200, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE
+        if head == "busy" and len(rest) == 4:
+            return self._busy(path, *rest)
+        if head == "limited" and len(rest) == 1:
+            return self._limited(path, rest[0])
         return _text(404, "not found")
 
-    def _file(self, name: str) -> tuple[int, dict[str, str], bytes]:
+    def _busy(self, path: str, code: str, times: str, after: str, name: str) -> Answer:
+        valid = code in ("429", "503") and times.isdigit()
+        valid = valid and (after.isdigit() or after in ("date", "none"))
+        if not valid or self.server.file_bytes(name) is None:
+            return _text(404, "not found")
+        with self.server.lock:
+            attempt = self.server.flaky_served[path]
+            self.server.flaky_served[path] += 1
+        if attempt >= int(times):
+            return self._file(name)
+        if after == "date":
+            retry_after = email.utils.formatdate(time.time() + BUSY_DATE_SECONDS, usegmt=True)
+        else:
+            retry_after = None if after == "none" else after
+        return self.server.rate_limited(path, int(code), retry_after)
+
+    def _limited(self, path: str, name: str) -> Answer:
+        if self.server.file_bytes(name) is None:
+            return _text(404, "not found")
+        if not self.server.admit_limited():
+            return self.server.rate_limited(path, 429, str(self.server.rate_limit.retry_after))
+        try:
+            if self.server.stopping.wait(self.server.rate_limit.hold_seconds):
+                raise _Abandon
+            return self._file(name)
+        finally:
+            self.server.leave_limited()
+
+    def _file(self, name: str) -> Answer:
         data = self.server.file_bytes(name)
         if data is None:
             return _text(404, "not found")
@@ -195,7 +319,7 @@ class _Abandon(Exception):
     """The server is stopping while this request sleeps: close without answering."""
 
 
-def _text(status: int, message: str) -> tuple[int, dict[str, str], bytes]:
+def _text(status: int, message: str) -> Answer:
     return status, {"Content-Type": "text/plain; charset=utf-8"}, f"{status} {message}\n".encode()
 
 
@@ -204,7 +328,7 @@ class ImageServer:
 
     Use as a context manager or call `start()` and `stop()`. The folder is listed at `start()`;
     files added later are not served. `slow_seconds` is how long `/slow/` paths sleep: keep a
-    test's download timeout well below it.
+    test's download timeout well below it. `rate_limit`: the rules of `/limited/`.
     """
 
     def __init__(
@@ -215,6 +339,7 @@ class ImageServer:
         host: str = "127.0.0.1",
         port: int = 0,
         on_request: Callable[[str], None] | None = None,
+        rate_limit: RateLimit = RateLimit(),
     ) -> None:
         self.images_dir = Path(corpus_dir) / "images"
         if not self.images_dir.is_dir():
@@ -226,6 +351,7 @@ class ImageServer:
             raise ValueError(f"slow_seconds must be > 0, got {slow_seconds}")
         self.slow_seconds = slow_seconds
         self.on_request = on_request
+        self.rate_limit = rate_limit
         self._address = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -233,7 +359,9 @@ class ImageServer:
     def start(self) -> ImageServer:
         if self._server is not None:
             raise RuntimeError("the image server is already running")
-        self._server = _Server(self._address, self.images_dir, self.slow_seconds, self.on_request)
+        self._server = _Server(
+            self._address, self.images_dir, self.slow_seconds, self.on_request, self.rate_limit
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -293,11 +421,26 @@ class ImageServer:
         query = f"?{parts.query}" if parts.query else ""
         return f"{self.base_url}{parts.path or '/'}{query}"
 
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests this server had in flight at once (since start or `reset()`)."""
+        return self._running().max_in_flight
+
+    @property
+    def rate_limited_answers(self) -> list[RateLimitedAnswer]:
+        """The 429 / 503 answers of /busy/ and /limited/, in order (since start or `reset()`)."""
+        server = self._running()
+        with server.lock:
+            return list(server.rate_limited_answers)
+
     def reset(self) -> None:
-        """Forget the `/flaky/` attempts, as a freshly started server."""
+        """Forget the `/flaky/` and `/busy/` attempts and the counts, as a freshly started
+        server."""
         server = self._running()
         with server.lock:
             server.flaky_served.clear()
+            server.max_in_flight = server.in_flight
+            server.rate_limited_answers.clear()
 
 
 def serve_forever(corpus_dir: str | Path, port: int = 8000, slow_seconds: float = 3.0) -> None:

@@ -1,21 +1,31 @@
 """The failure category of each img2dataset outcome (layout.DOWNLOAD_CATEGORIES).
 
-img2dataset records a failure as an `error_message` string; the category is read from it: the
-HTTP status when there is one, else the first rule below whose text the message contains. What
-each category means for a user is in the README's troubleshooting section.
+img2dataset records a failure as an `error_message` string; the category is read from it: our
+own refusals first (their messages start with a prefix of ours, kept in the message when urllib
+wraps it), then the HTTP status when there is one, else the first rule below whose text the
+message contains. What each category means for a user is in the README's troubleshooting section.
 """
 
 from __future__ import annotations
 
 import re
 
-from laionface.stages.download import fetchguard
+from laionface.stages.download import fetchguard, pixelcap
+
+WORKER_DIED_PREFIX = "worker_died:"
 
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
+# (category, prefix) of the failures laionface itself records, checked before HTTP errors.
+_OWN_RULES: tuple[tuple[str, str], ...] = (
+    ("blocked_address", fetchguard.BLOCKED_PREFIX),
+    ("too_large", fetchguard.TOO_LARGE_PREFIX),
+    ("rate_limited", fetchguard.RATE_LIMITED_PREFIX),
+    ("too_many_pixels", pixelcap.TOO_MANY_PIXELS_PREFIX),
+    ("worker_died", WORKER_DIED_PREFIX),
+)
 # (category, substrings of img2dataset's error_message), checked in order after HTTP errors.
 _MESSAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("blocked_address", (fetchguard.BLOCKED_PREFIX,)),
-    ("too_large", (fetchguard.TOO_LARGE_PREFIX, "image area too large")),
+    ("too_large", ("image area too large",)),
     ("opted_out", ("X-Robots-Tag",)),
     ("timeout", ("timed out", "timeout")),
     (
@@ -49,7 +59,7 @@ _MESSAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("too_small", ("image too small",)),
     ("bad_aspect_ratio", ("aspect ratio too large",)),
-    ("not_an_image", ("Image decoding error",)),
+    ("not_an_image", (pixelcap.NOT_AN_IMAGE,)),
 )
 
 
@@ -59,6 +69,9 @@ def classify_error(status: str | None, message: str | None) -> str | None:
     if status == "success":
         return None
     text = message or ""
+    for category, prefix in _OWN_RULES:
+        if prefix in text:
+            return category
     http = _HTTP_ERROR.search(text)
     if http:
         code = int(http.group(1))

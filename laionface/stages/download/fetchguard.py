@@ -5,9 +5,11 @@ process-wide opener (`urllib.request.install_opener`) sees every request and eve
 makes. This module's opener:
 
 - refuses a host whose address is private, loopback, link-local, multicast, reserved, unspecified or
-  otherwise not globally routable (`allow_loopback` permits loopback only), on every redirect hop,
-  and connects to the very address it checked, so a second DNS answer (DNS rebinding) can't slip a
-  private address in between the check and the connection;
+  otherwise not globally routable (`allow_loopback` permits loopback only), or a cloud metadata
+  service (`METADATA_ADDRESSES`, some of them public addresses), also when an IPv6 address wraps
+  such an IPv4 one (IPv4-mapped, 6to4, Teredo, NAT64), on every redirect hop, and connects to the
+  very address it checked, so a second DNS answer (DNS rebinding) can't slip a private address in
+  between the check and the connection;
 - maps hosts like `curl --resolve` (`resolve = {"host": "ip:port"}`); the Host header, TLS server
   name and certificate check still use the URL's host;
 - abandons a response larger than `max_bytes` (a Content-Length above it is refused before reading;
@@ -15,11 +17,17 @@ makes. This module's opener:
   `request_deadline` seconds after the request began (a server that trickles bytes would otherwise
   hold a thread for as long as it likes, since the socket timeout applies per read);
 - speaks http and https only (no file://, ftp:// or data:) and ignores proxy environment variables:
-  a proxy would resolve the host itself, out of reach of the address check.
+  a proxy would resolve the host itself, out of reach of the address check;
+- is polite to each host (hostgate.py): at most `max_per_host` requests to one host are in flight
+  at once in the process (a slot is taken before connecting and given back when the response is
+  closed), and an answer 429, or 503 with a `Retry-After`, is retried after the delay it asks for
+  (at most `max_retry_after` seconds, at most `rate_limit_retries` times), else the request fails
+  as `rate_limited:`. Every 429 is counted per host under the URL img2dataset asked for, for the
+  shard's stats (`take_429s`).
 
-Refusals surface in img2dataset's `error_message` as text starting with `blocked_address:` or
-`too_large:`, and a late body as `timed out: ...`, which `download.classify_error` maps to
-categories.
+Refusals surface in img2dataset's `error_message` as text starting with `blocked_address:`,
+`too_large:` or `rate_limited:`, and a late body as `timed out: ...`, which
+`download.classify_error` maps to categories.
 
 The opener is process-wide, but settings come per shard. `guarded(policy)` installs the opener for
 its holders and restores the previous one when the last holder releases it; shards with equal
@@ -30,18 +38,35 @@ other `urlopen` call in that process goes through the same checks too.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from laionface.layout import url_host
+from laionface.stages.download import hostgate
+
 BLOCKED_PREFIX = "blocked_address:"
 TOO_LARGE_PREFIX = "too_large:"
+RATE_LIMITED_PREFIX = hostgate.RATE_LIMITED_PREFIX
 _READ_CHUNK = 1 << 16
+
+# Cloud metadata services, refused whatever else allows: AWS, GCP, Azure, OpenStack and others at
+# 169.254.169.254 (IPv6 fd00:ec2::254 on AWS), Azure's wire server 168.63.129.16 (a public
+# address), Alibaba Cloud's 100.100.100.200.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "fd00:ec2::254", "168.63.129.16", "100.100.100.200")
+)
+# NAT64's well-known prefix: 64:ff9b::a.b.c.d reaches the IPv4 address a.b.c.d.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class BlockedAddress(OSError):
@@ -74,6 +99,49 @@ def parse_target(value: str, default_port: int | None = None) -> tuple[str, int 
     return host, int(port_text) if port_text else default_port
 
 
+def _wrapped_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries traffic to, with how it wraps them."""
+    if ip.ipv4_mapped is not None:
+        return [("IPv4-mapped", ip.ipv4_mapped)]
+    if ip.sixtofour is not None:
+        return [("6to4", ip.sixtofour)]
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        return [("Teredo", server), ("Teredo", client)]
+    if ip in _NAT64:
+        return [("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))]
+    return []
+
+
+def _ip_refusal(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_loopback: bool
+) -> str | None:
+    if ip in METADATA_ADDRESSES:
+        return "cloud metadata service"
+    if ip.is_loopback:
+        return None if allow_loopback else "loopback"
+    for kind in ("link_local", "multicast", "unspecified", "reserved", "private"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    if not ip.is_global:
+        return "not globally routable"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusal(address: str, allow_loopback: bool) -> str | None:
+    """Why `address` must not be contacted, or None; cached: every request of a shard asks."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
+    if isinstance(ip, ipaddress.IPv6Address):
+        for how, inner in _wrapped_ipv4(ip):
+            reason = _ip_refusal(inner, allow_loopback)
+            if reason is not None:
+                return f"{how} address of {inner}, {reason}"
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d, whatever the IPv6 rules say
+            return None
+    return _ip_refusal(ip, allow_loopback)
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     allow_loopback: bool = False
@@ -81,6 +149,10 @@ class FetchPolicy:
     resolve: tuple[tuple[str, str], ...] = ()
     max_bytes: int = 50_000_000
     request_deadline: float = 30.0
+    # Politeness (hostgate.py): requests in flight per host, and the answers asking to wait.
+    max_per_host: int = 8
+    rate_limit_retries: int = 2
+    max_retry_after: float = 60.0
     _targets: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +168,9 @@ class FetchPolicy:
             resolve=tuple(sorted((str(k), str(v)) for k, v in settings["resolve"].items())),
             max_bytes=int(settings["max_bytes"]),
             request_deadline=float(request_deadline),
+            max_per_host=int(settings["max_per_host"]),
+            rate_limit_retries=int(settings["rate_limit_retries"]),
+            max_retry_after=float(settings["max_retry_after"]),
         )
 
     def target(self, host: str, port: int) -> tuple[str, int]:
@@ -108,17 +183,7 @@ class FetchPolicy:
 
     def refusal(self, address: str) -> str | None:
         """Why `address` (an IP literal) must not be contacted, or None when it may."""
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-        if ip.is_loopback:
-            return None if self.allow_loopback else "loopback"
-        for kind in ("link_local", "multicast", "unspecified", "reserved", "private"):
-            if getattr(ip, f"is_{kind}"):
-                return kind.replace("_", "-")
-        if not ip.is_global:
-            return "not globally routable"
-        return None
+        return _refusal(address, self.allow_loopback)
 
 
 def connect_checked(
@@ -159,7 +224,17 @@ class _CappedResponse(http.client.HTTPResponse):
         self._policy: FetchPolicy = kwargs.pop("policy")
         self._started: float = kwargs.pop("started")
         self._body_read = 0
+        # Gives the host's slot back (hostgate.HostGate), once, when the response is closed.
+        self.release_slot: Callable[[], None] | None = None
         super().__init__(sock, *args, **kwargs)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            release, self.release_slot = self.release_slot, None
+            if release is not None:
+                release()
 
     def _refuse_size(self, size: int) -> None:
         self.close()
@@ -239,29 +314,113 @@ _CheckedHTTPConnection = _checked_connection_class(http.client.HTTPConnection)
 _CheckedHTTPSConnection = _checked_connection_class(http.client.HTTPSConnection)
 
 
+# The URL img2dataset asked for, in the thread fetching it (a redirect hop keeps it).
+_request = threading.local()
+# 429 answers per host, under the URL asked for; a shard takes its own (`take_429s`).
+_rate_limits = hostgate.RateLimitCounts()
+
+
+def _open_through_gate(
+    handler: urllib.request.AbstractHTTPHandler,
+    gate: hostgate.HostGate,
+    connection_class: type,
+    req: urllib.request.Request,
+    **kwargs: Any,
+) -> http.client.HTTPResponse:
+    """`handler.do_open` holding one of the host's slots until the response is closed."""
+    host = url_host(req.full_url) or req.host
+    gate.enter(host)
+    try:
+        response = handler.do_open(connection_class, req, **kwargs)
+    except BaseException:
+        gate.leave(host)
+        raise
+    response.release_slot = lambda: gate.leave(host)
+    if response.status == 429:
+        _rate_limits.add(getattr(_request, "url", None) or req.full_url, host)
+    return response
+
+
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, gate: hostgate.HostGate) -> None:
+        super().__init__()
+        self.gate = gate
+
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_CheckedHTTPConnection, req)
+        return _open_through_gate(self, self.gate, _CheckedHTTPConnection, req)
 
 
 class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, gate: hostgate.HostGate) -> None:
+        super().__init__()
+        self.gate = gate
+
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+        return _open_through_gate(
+            self, self.gate, _CheckedHTTPSConnection, req, context=self._context
+        )
 
 
-def build_opener() -> urllib.request.OpenerDirector:
-    """http and https through the checked connections; redirects and HTTP errors as urllib does."""
-    opener = urllib.request.OpenerDirector()
+class _PoliteOpener(urllib.request.OpenerDirector):
+    """urllib's opener, retrying the answers that ask to come back later (see hostgate)."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT):
+        if getattr(_request, "url", None) is not None:  # a redirect hop of the request below
+            return super().open(fullurl, data, timeout)
+        _request.url = fullurl.full_url if isinstance(fullurl, urllib.request.Request) else fullurl
+        try:
+            return self._open_politely(fullurl, data, timeout)
+        finally:
+            _request.url = None
+
+    def _open_politely(self, fullurl: Any, data: Any, timeout: Any) -> Any:
+        policy = self.policy
+        attempt = 0
+        while True:
+            try:
+                return super().open(fullurl, data, timeout)
+            except urllib.error.HTTPError as error:
+                error.close()  # gives the host's slot back now, not when collected
+                if error.code not in hostgate.RETRYABLE_STATUSES:
+                    raise
+                delay = hostgate.retry_delay(error.headers.get("Retry-After"))
+                if error.code == 503 and delay is None:
+                    raise  # a plain server error (http_5xx)
+                reason = hostgate.give_up_reason(
+                    delay, attempt, policy.rate_limit_retries, policy.max_retry_after
+                )
+                if reason is not None:
+                    host = url_host(error.filename or "") or "the host"
+                    raise hostgate.rate_limited(host, error.code, reason) from None
+            time.sleep(delay)
+            attempt += 1
+
+
+def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
+    """http and https through the checked connections, `policy.max_per_host` requests per host
+    at once; redirects and HTTP errors as urllib does, 429 and 503 as hostgate says."""
+    gate = hostgate.HostGate(policy.max_per_host)
+    opener = _PoliteOpener(policy)
     for handler in (
         urllib.request.UnknownHandler(),  # any other scheme: "unknown url type"
         urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPRedirectHandler(),
         urllib.request.HTTPErrorProcessor(),
-        _CheckedHTTPHandler(),
-        _CheckedHTTPSHandler(),
+        _CheckedHTTPHandler(gate),
+        _CheckedHTTPSHandler(gate),
     ):
         opener.add_handler(handler)
     return opener
+
+
+def take_429s(urls: Iterable[str]) -> dict[str, int]:
+    """The 429 answers met by these URLs' requests in this process, per host; forgotten once
+    taken (a shard takes its own when it ends)."""
+    return _rate_limits.take(urls)
 
 
 _state = threading.Condition()
@@ -283,7 +442,7 @@ def acquire(policy: FetchPolicy) -> None:
             _state.wait()
         if _holders == 0:
             _previous_opener = urllib.request._opener  # whatever was installed before us
-            urllib.request.install_opener(build_opener())
+            urllib.request.install_opener(build_opener(policy))
             _active = policy
         _holders += 1
 

@@ -90,3 +90,17 @@ def summarize(outcomes: pa.Table) -> dict:
         "retried_rows": int(retried.sum()),
         "recovered_by_retry": int((retried & success).sum()),
     }
+
+
+def shard_stats(table: pa.Table, http_429_by_host: dict[str, int]) -> dict:
+    """What a raw shard's task returns: its rows, successes and failures by category, and the
+    429 answers its requests met, per host."""
+    by_category = Counter(c for c in table["error_category"].to_pylist() if c is not None)
+    failed = sum(by_category.values())
+    return {
+        "items": table.num_rows,
+        "successes": table.num_rows - failed,
+        "failed": failed,
+        "by_category": dict(sorted(by_category.items())),
+        "http_429_by_host": http_429_by_host,
+    }

@@ -2,13 +2,19 @@
 
 `download_shard` makes `raw/NNNNN.{tar,parquet}` and `NNNNN_stats.json` exactly as
 img2dataset's `download()` makes a shard, then sorts the parquet by key and adds two columns
-(error_category, retry_of); see the stage's docstring for the layout.
+(error_category, retry_of); see the stage's docstring for the layout. Two more forms serve a
+shard whose worker died (isolation.py): `rows=(start, end)` downloads only those rows, as a
+piece named `isolation.piece_name(...)` into the folder `raw_url` names; `isolated=...`
+assembles the raw shard from its pieces instead of downloading.
 
-Atomic shards: the downloader writes into a staging folder (`raw/.tmp-NNNNN-<id>/` for a local run
-folder, a local temporary folder for a remote one), and the three files are moved into `raw/`
-(tar and parquet first, stats last) only once the shard is complete; the runner then writes the
-completion marker. A shard killed midway leaves no file under a final name and is redone on
-re-run; its staging folder is removed by that redo.
+The downloader is img2dataset's, fed as its `download()` feeds it, with two things in front:
+the fetch guard (fetchguard.py: addresses, sizes, deadlines, politeness to each host) around
+every request, and a pixel cap (pixelcap.py) in front of its resizer.
+
+Atomic shards: the downloader writes into a staging folder (staging.py), and the three files
+are moved into place (tar and parquet first, stats last) only once the shard is complete; the
+runner then writes the completion marker. A shard killed midway leaves no file under a final
+name and is redone on re-run; its staging folder is removed by that redo.
 
 No hang: every request is bounded by `timeout` per socket operation and `request_deadline` for
 the whole body (see fetchguard); the shard as a whole by `shard_deadline` (derived from its size
@@ -17,25 +23,21 @@ when 0). A shard past its deadline fails with an error naming it and the runner 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
-import tempfile
 import threading
-import uuid
-from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from laionface.io import storage
 from laionface.layout import SHARD_DIGITS, raw_file_names, shard_name, split_key
-from laionface.stages.download import fetchguard
+from laionface.stages.download import fetchguard, heap, isolation
 from laionface.stages.download.categories import classify_error
+from laionface.stages.download.outcomes import shard_stats
+from laionface.stages.download.pixelcap import PixelCappedResizer
+from laionface.stages.download.staging import publish, staging
 
 ENCODE_FORMAT = "jpg"
 HASH = "sha256"
@@ -53,15 +55,20 @@ def shard_deadline(settings: dict[str, Any], rows: int) -> float:
     """Seconds a shard of `rows` rows may take before it is abandoned.
 
     The worst case of a shard whose every URL is slow: rows go through `thread_count` threads in
-    waves, each attempt bounded by the request deadline plus a connect timeout; plus time to
-    decode and re-encode every image on one core, plus a minute of setup.
+    waves; each row's request may be made `retries` + 1 times, each of those retried
+    `rate_limit_retries` times after waiting up to `max_retry_after`, and each request is
+    bounded by the request deadline plus a connect timeout; plus time to decode and re-encode
+    every image on one core, plus a minute of setup.
     """
     if settings["shard_deadline"]:
         return float(settings["shard_deadline"])
     waves = math.ceil(rows / int(settings["thread_count"]))
-    attempts = int(settings["retries"]) + 1
-    per_attempt = request_deadline(settings) + float(settings["timeout"])
-    return 60.0 + 0.05 * rows + waves * attempts * per_attempt
+    per_request = request_deadline(settings) + float(settings["timeout"])
+    polite = int(settings["rate_limit_retries"])
+    per_row = (int(settings["retries"]) + 1) * (
+        (polite + 1) * per_request + polite * float(settings["max_retry_after"])
+    )
+    return 60.0 + 0.05 * rows + waves * per_row
 
 
 def _downloader(settings: dict[str, Any], folder: str, columns: list[str], samples: int) -> Any:
@@ -82,7 +89,7 @@ def _downloader(settings: dict[str, Any], folder: str, columns: list[str], sampl
     )
     return Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=resizer,
+        resizer=PixelCappedResizer(resizer, int(settings["max_image_pixels"])),
         thread_count=settings["thread_count"],
         save_caption=True,
         extract_exif=True,
@@ -118,26 +125,6 @@ def _check_columns(table: pa.Table, in_url: str, extra: list[str]) -> None:
         )
 
 
-@contextlib.contextmanager
-def _staging(raw_url: str, name: str) -> Iterator[tuple[str, bool]]:
-    """A fresh local folder for one attempt at shard `name`; (path, inside raw/)."""
-    fs, raw_path = storage.fs_for(raw_url)
-    local = isinstance(fs, LocalFileSystem)
-    if local:
-        os.makedirs(raw_path, exist_ok=True)
-        for stale in os.listdir(raw_path):  # left by an attempt that was killed
-            if stale.startswith(f"{storage.TEMP_PREFIX}{name}-"):
-                shutil.rmtree(os.path.join(raw_path, stale), ignore_errors=True)
-        folder = os.path.join(raw_path, f"{storage.TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
-        os.makedirs(folder)
-    else:
-        folder = tempfile.mkdtemp(prefix=f"laionface-download-{name}-")
-    try:
-        yield folder, local
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _run_with_deadline(
     downloader: Any, shard: tuple[int, str], deadline: float, policy: fetchguard.FetchPolicy
 ) -> None:
@@ -150,7 +137,8 @@ def _run_with_deadline(
 
     def target() -> None:
         try:
-            downloader.download_shard(shard)
+            with heap.roomy_heap():
+                downloader.download_shard(shard)
         except BaseException as exc:  # re-raised in the calling thread
             outcome["error"] = exc
         finally:
@@ -175,8 +163,7 @@ def _run_with_deadline(
 
 def _finish_parquet(path: str, retry_of: list[str | None], samples: int) -> pa.Table:
     """img2dataset's shard parquet, sorted by key, with error_category and retry_of added."""
-    table = pq.read_table(path)
-    table = table.sort_by("key")
+    table = pq.ParquetFile(path).read().sort_by("key")
     statuses = table["status"].to_pylist()
     messages = table["error_message"].to_pylist()
     categories = [classify_error(s, m) for s, m in zip(statuses, messages, strict=True)]
@@ -185,15 +172,69 @@ def _finish_parquet(path: str, retry_of: list[str | None], samples: int) -> pa.T
     return table.append_column("retry_of", pa.array([retry_of[i] for i in rows], pa.string()))
 
 
-def _publish(folder: str, raw_url: str, names: list[str], local: bool) -> None:
-    """Move finished files into raw/ in order; each appears whole or not at all."""
-    for name in names:
-        source = os.path.join(folder, name)
-        if local:
-            os.replace(source, os.path.join(storage.fs_for(raw_url)[1], name))
-        else:
-            with open(source, "rb") as src, storage.atomic_open(storage.join(raw_url, name)) as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
+def read_input(in_url: str, settings: dict[str, Any], samples_per_shard: int) -> pa.Table:
+    """A download shard's input rows, checked: the columns it needs, and few enough rows for
+    img2dataset's keys."""
+    table = storage.read_parquet(in_url)
+    _check_columns(table, in_url, list(settings["save_additional_columns"]))
+    if table.num_rows > samples_per_shard:
+        raise ValueError(
+            f"{in_url}: {table.num_rows} rows, more than the {samples_per_shard} a shard's keys"
+            " can number; set metadata.rows_per_shard to at most that and re-run the metadata"
+            " stage"
+        )
+    return table
+
+
+def _download(
+    table: pa.Table,
+    name: str,
+    raw_url: str,
+    shard_id: int,
+    settings: dict[str, Any],
+    samples_per_shard: int,
+    piece: bool = False,
+) -> dict:
+    """img2dataset's Downloader on `table`'s rows, published as raw files named `name` (a piece's
+    stats file also keeps its 429 counts, for the assembly)."""
+    rows = table.num_rows
+    retry_of = table["retry_of"].to_pylist() if "retry_of" in table.column_names else [None] * rows
+    extra = list(settings["save_additional_columns"])
+    # The columns img2dataset's Reader would hand the Downloader: extra columns, caption, url.
+    columns = [*extra, "caption", "url"]
+    arrow = table.select([*extra, "TEXT", "URL"]).rename_columns(columns)
+    urls = arrow["url"].to_pylist()
+    policy = fetchguard.FetchPolicy.from_settings(settings, request_deadline(settings))
+
+    with staging(raw_url, name) as (folder, local):
+        feather = os.path.join(folder, f"{name}.feather")  # the downloader deletes it when done
+        with pa.OSFile(feather, "wb") as sink, pa.ipc.new_file(sink, arrow.schema) as writer:
+            writer.write_table(arrow)
+        downloader = _downloader(settings, folder, columns, samples_per_shard)
+        try:
+            _run_with_deadline(
+                downloader, (shard_id, feather), shard_deadline(settings, rows), policy
+            )
+        finally:
+            http_429_by_host = fetchguard.take_429s(urls)
+        # img2dataset names its files after the shard id; a piece's are renamed to its own.
+        made = raw_file_names(shard_name(shard_id))
+        tar_name, parquet_name, stats_name = raw_file_names(name)
+        for old, new in zip(made, (tar_name, parquet_name, stats_name), strict=True):
+            if old != new:
+                os.replace(os.path.join(folder, old), os.path.join(folder, new))
+        parquet = os.path.join(folder, parquet_name)
+        result = _finish_parquet(parquet, retry_of, samples_per_shard)
+        if result.num_rows != rows:
+            raise RuntimeError(
+                f"download shard {name}: img2dataset recorded {result.num_rows} of {rows} rows"
+                " (see the worker's log for the sample that failed); the shard will be redone"
+            )
+        pq.write_table(result, parquet, compression="zstd")
+        if piece:
+            isolation.note_429s(os.path.join(folder, stats_name), http_429_by_host)
+        publish(folder, raw_url, [tar_name, parquet_name, stats_name], local)
+    return shard_stats(result, http_429_by_host)
 
 
 def download_shard(
@@ -203,48 +244,25 @@ def download_shard(
     shard_id: int,
     settings: dict[str, Any],
     samples_per_shard: int,
+    rows: tuple[int, int] | None = None,
+    isolated: dict[str, Any] | None = None,
 ) -> dict:
-    """Download one metadata shard into raw/NNNNN.{tar,parquet} and NNNNN_stats.json."""
-    table = storage.read_parquet(in_url)
-    extra = list(settings["save_additional_columns"])
-    _check_columns(table, in_url, extra)
-    rows = table.num_rows
-    if rows > samples_per_shard:
-        raise ValueError(
-            f"{in_url}: {rows} rows, more than the {samples_per_shard} a shard's keys can number;"
-            " set metadata.rows_per_shard to at most that and re-run the metadata stage"
-        )
-    retry_of = table["retry_of"].to_pylist() if "retry_of" in table.column_names else [None] * rows
+    """Download one metadata shard into raw/NNNNN.{tar,parquet} and NNNNN_stats.json.
+
+    rows: only rows [start, end) of it, as a piece (isolation.py) in the folder `raw_url`;
+    isolated: make the raw shard from the pieces and failed rows it names instead (the stage
+    passes isolation.assembly_kwargs).
+    """
+    table = read_input(in_url, settings, samples_per_shard)
     name = shard_name(shard_id)
-    # The columns img2dataset's Reader would hand the Downloader: extra columns, caption, url.
-    columns = [*extra, "caption", "url"]
-    arrow = table.select([*extra, "TEXT", "URL"]).rename_columns(columns)
-    del table
-    policy = fetchguard.FetchPolicy.from_settings(settings, request_deadline(settings))
-
-    with _staging(raw_url, name) as (folder, local):
-        feather = os.path.join(folder, f"{name}.feather")  # the downloader deletes it when done
-        with pa.OSFile(feather, "wb") as sink, pa.ipc.new_file(sink, arrow.schema) as writer:
-            writer.write_table(arrow)
-        downloader = _downloader(settings, folder, columns, samples_per_shard)
-        _run_with_deadline(downloader, (shard_id, feather), shard_deadline(settings, rows), policy)
-
-        tar_name, parquet_name, stats_name = raw_file_names(name)
-        parquet = os.path.join(folder, parquet_name)
-        result = _finish_parquet(parquet, retry_of, samples_per_shard)
-        if result.num_rows != rows:
-            raise RuntimeError(
-                f"download shard {name}: img2dataset recorded {result.num_rows} of {rows} rows"
-                " (see the worker's log for the sample that failed); the shard will be redone"
-            )
-        pq.write_table(result, parquet, compression="zstd")
-        _publish(folder, raw_url, [tar_name, parquet_name, stats_name], local)
-
-    by_category = Counter(c for c in result["error_category"].to_pylist() if c is not None)
-    failed = sum(by_category.values())
-    return {
-        "items": rows,
-        "successes": rows - failed,
-        "failed": failed,
-        "by_category": dict(sorted(by_category.items())),
-    }
+    if isolated is not None:
+        extra = list(settings["save_additional_columns"])
+        return isolation.assemble_shard(
+            table, name=name, raw_url=raw_url, samples=samples_per_shard, extra=extra, **isolated
+        )
+    if rows is not None:
+        start, end = rows
+        table = table.slice(start, end - start)
+        piece = isolation.piece_name(name, start, end)
+        return _download(table, piece, raw_url, shard_id, settings, samples_per_shard, piece=True)
+    return _download(table, name, raw_url, shard_id, settings, samples_per_shard)

@@ -22,6 +22,15 @@ Keys are img2dataset's: 5 digits of shard id and 4 of row index (`compute_key`, 
 
 `--retry-failed` adds raw shards for the rows that failed transiently (retries.py); each input row
 is counted once, under its latest outcome (outcomes.py).
+
+A shard whose worker process dies (killed for memory, a crash) is downloaded again in ever
+smaller pieces down to the row that kills it, recorded as `worker_died`; the raw shard is then
+made from the pieces, complete, as if downloaded whole (isolation.py).
+
+Politeness: at most `download.max_per_host` requests to one host at once per worker process,
+and answers 429 / 503 that ask to come back later are retried after the delay they ask for
+(fetchguard.py, hostgate.py). Each shard counts the 429 answers it met per host; their sum over
+the run's shards is run.json's `stages.download.http_429_by_host`.
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from laionface.engine.runner import ShardTask, StageContext
+from laionface.engine.runner import ShardTask, StageContext, StageFailed
 from laionface.engine.stage import Stage
 from laionface.io import storage
 from laionface.layout import DOWNLOAD, METADATA, RAW, samples_per_shard, shard_of_file
+from laionface.stages.download import isolation
 from laionface.stages.download.outcomes import latest_outcomes, summarize
 from laionface.stages.download.retries import drop_stale_retries, plan_retries, retry_inputs
 from laionface.stages.download.shard import download_shard
@@ -85,6 +95,41 @@ def _tasks(ctx: StageContext, urls: list[str]) -> list[ShardTask]:
     return tasks
 
 
+def _map(ctx: StageContext, step: str, tasks: list[ShardTask]) -> dict[str, dict]:
+    """The shards of a download step; those whose worker died are isolated (isolation.py) and
+    made from their pieces. Returns the stats of every complete shard of the step."""
+    try:
+        return ctx.map_shards(step, download_shard, tasks, unit="rows")
+    except StageFailed as failed:
+        if not failed.killed:
+            raise
+        killed = [task for task in tasks if task.shard in failed.killed]
+        log.warning(
+            "%s: the worker died downloading shard(s) %s; downloading them again in pieces to"
+            " find the row(s) that kill it",
+            step,
+            ", ".join(task.shard for task in killed),
+        )
+        isolated = isolation.isolate(ctx, killed, download_shard, failed.failures)
+    # Every shard again: the complete ones are skipped, the isolated ones assembled, and any
+    # other failure gets one more try before it is raised.
+    tasks = [
+        isolation.assembling(task, isolated[task.shard]) if task.shard in isolated else task
+        for task in tasks
+    ]
+    stats = ctx.map_shards(step, download_shard, tasks, unit="rows")
+    isolation.remove_pieces(ctx.layout, sorted(isolated))
+    return stats
+
+
+def _http_429s(stats: dict[str, dict]) -> dict[str, int]:
+    """429 answers per host over these shards (shards made before the count existed: none)."""
+    total: Counter[str] = Counter()
+    for shard in stats.values():
+        total.update(shard.get("http_429_by_host") or {})
+    return dict(sorted(total.items()))
+
+
 def run(ctx: StageContext) -> None:
     config, layout = ctx.config, ctx.layout
     settings_fp = ctx.stage.fingerprint(config) if ctx.stage else ""
@@ -95,17 +140,17 @@ def run(ctx: StageContext) -> None:
             " stage first (laionface run PIPELINE --stages metadata,download)"
         )
     drop_stale_retries(layout, settings_fp)
-    stats = ctx.map_shards("download", download_shard, _tasks(ctx, inputs), unit="rows")
+    stats = _map(ctx, "download", _tasks(ctx, inputs))
     if ctx.options.get("retry_failed"):
         plan_retries(layout, settings_fp, samples_per_shard(config.metadata.rows_per_shard))
     retries = retry_inputs(layout)
     if retries:
-        stats.update(
-            ctx.map_shards("download/retry", download_shard, _tasks(ctx, retries), unit="rows")
-        )
+        stats.update(_map(ctx, "download/retry", _tasks(ctx, retries)))
     _warn_failure_rates(stats, config.download.failure_rate_warning)
     summary = summarize(latest_outcomes(layout.url, settings_fp))
-    ctx.run.stage("download")["outcomes"] = summary
+    record = ctx.run.stage("download")
+    record["outcomes"] = summary
+    record["http_429_by_host"] = _http_429s(stats)
     ctx.run.save()
     log.info(
         "download: %d rows, %d images (%.1f%%), failures by category: %s",
@@ -125,6 +170,7 @@ STAGE = Stage(
     ignored=frozenset(
         {
             "download.thread_count",
+            "download.max_per_host",
             "download.resolve",
             "download.failure_rate_warning",
             "download.shard_deadline",
