@@ -69,6 +69,12 @@ def split_key(key: str, samples: int) -> tuple[int, int]:
     return divmod(int(key), 10 ** index_digits(samples))
 
 
+def key_prefix(shard: str) -> str:
+    """What every key of raw shard `shard` starts with: its name (img2dataset writes the shard
+    number, zero-padded, before the row index)."""
+    return shard
+
+
 def key_shards(keys: pa.Array | pa.ChunkedArray, samples: int) -> pa.Array:
     """The shard name of each key (vectorised `split_key`)."""
     numbers = pc.divide(pc.cast(keys, pa.int64()), 10 ** index_digits(samples))

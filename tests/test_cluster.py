@@ -340,4 +340,5 @@ def test_compose_file_runs_real_commands():
     assert gpu[gpu.index("--resources") + 1] == "GPU=1"
     for path in ("docker/Dockerfile.cpu", "docker/Dockerfile.cuda"):
         text = (REPO / path).read_text()
-        assert 'pip install ".[s3]"' in text and "resolve_weights" in text
+        # The worker runs the detector and reads object stores: both extras.
+        assert 'pip install ".[faces,s3]"' in text and "resolve_weights" in text

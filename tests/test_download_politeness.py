@@ -8,6 +8,8 @@ import pyarrow as pa
 import pytest
 from distributed import Client, LocalCluster
 
+from laionface.audit.funnel import funnel
+from laionface.audit.report import write_report
 from laionface.config import Config
 from laionface.demo.corpus import DEMO_HOST, build_corpus
 from laionface.demo.imageserver import BUSY_DATE_SECONDS, RateLimit
@@ -131,6 +133,11 @@ def test_per_host_cap_holds_and_429s_are_retried_after_retry_after(
     # Each shard counts its 429s per host; run.json's download record sums them.
     record = storage.read_json(ctx.path("run.json"))["stages"]["download"]
     assert record["http_429_by_host"] == {DEMO_HOST: len(answers)}
+    # The audit counts them from the raw shards' markers, and the report lists the host.
+    assert funnel(ctx.run.url).download.http_429_by_host == {DEMO_HOST: len(answers)}
+    page = storage.read_bytes(write_report(ctx.run.url)).decode()
+    table = page[page.index('id="rate-limits-table"') :]
+    assert DEMO_HOST in table[: table.index("</table>")]
 
 
 def test_retry_after_forms_and_when_to_give_up(server, images, tmp_path):

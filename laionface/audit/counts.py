@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from laionface.audit.model import DROPPED, INPUT, KEPT, Problem, StageFigures
-from laionface.audit.read import num_rows, parallel_map, read_columns, value_counts
+from laionface.audit.model import DROPPED, INPUT, KEPT, DownloadDetail, Problem, StageFigures
+from laionface.audit.read import num_rows, parallel_map, read_columns
+from laionface.audit.shards import Mapper, download_fates, source_counts
 from laionface.dataset import contract
 from laionface.io import storage
-from laionface.layout import DROP_REASONS, RunLayout, key_shards, samples_per_shard, shard_of_file
-from laionface.stages.download.outcomes import latest_outcomes
+from laionface.layout import DROP_REASONS, RunLayout, samples_per_shard, shard_of_file
+from laionface.stages.download.outcomes import http_429s, origin_plan
 
 # Shards named in an error message before "and N more".
 MAX_NAMED_SHARDS = 10
@@ -73,20 +73,6 @@ def _check_shards(
     )
 
 
-def _unknown_keys(
-    figures: StageFigures,
-    keys: pa.ChunkedArray,
-    known: pa.ChunkedArray,
-    describe: Callable[[int, str], str],
-) -> None:
-    """A problem for the stage when `keys` holds keys the stage before did not pass on."""
-    unknown = pc.invert(pc.is_in(keys, value_set=known))
-    count = pc.sum(pc.cast(unknown, pa.int64())).as_py() or 0
-    if count:
-        examples = ", ".join(map(str, keys.filter(unknown).to_pylist()[:5]))
-        figures.problems.append(Problem(figures.stage, (), describe(count, examples)))
-
-
 def _add_shard_rows(
     figures: StageFigures,
     inputs: dict[str, int],
@@ -107,11 +93,7 @@ def _sum_dropped(per_shard: dict[str, dict[str, int]]) -> dict[str, int]:
     return dict(total)
 
 
-def _source_counts(url: str) -> dict[str, int]:
-    return value_counts(read_columns(url, ["source_file"])["source_file"])
-
-
-def metadata(run_url: str) -> StageFigures:
+def metadata(run_url: str, mapper: Mapper) -> StageFigures:
     """Per input file: rows read (metadata/inputs.parquet), rows dropped per reason
     (metadata/drops/*.parquet) and rows in the download shards (metadata/shards/*, source_file)."""
     figures = StageFigures("metadata", "input file")
@@ -126,7 +108,7 @@ def metadata(run_url: str) -> StageFigures:
             per_file = dropped.setdefault(row["source"], {})
             per_file[row["reason"]] = per_file.get(row["reason"], 0) + int(row["count"])
     kept: Counter[str] = Counter()
-    for counts in parallel_map(_source_counts, shard_urls):
+    for counts in mapper(source_counts, [{"url": url} for url in shard_urls]):
         kept.update(counts)
     if storage.exists(inputs_url):
         table = read_columns(inputs_url, ["source", "input_rows"])
@@ -193,18 +175,22 @@ class Upstream:
     kept: dict[str, int]
 
 
-def download(run_url: str, rows_per_shard: int, first: bool) -> tuple[StageFigures, pa.Table]:
-    """Download figures (each row under its latest outcome), and those outcomes.
+def download(
+    run_url: str, rows_per_shard: int, first: bool, mapper: Mapper
+) -> tuple[StageFigures, DownloadDetail]:
+    """Download figures (each row under its latest outcome), and the report's detail.
 
     `rows_per_shard`: the metadata.rows_per_shard the raw shards were made with (it sets the
     digits of a key's row index)."""
-    outcomes = latest_outcomes(run_url)
-    origin = key_shards(outcomes["input_key"], samples_per_shard(rows_per_shard))
-    grouped = _grouped(
-        pa.table({"shard": origin, "reason": outcomes["error_category"]}), "shard", "reason"
-    )
-    kept, dropped = _split_kept(grouped)
-    outcome_counts = {s: sum(c.values()) for s, c in grouped.items()}
+    plan = origin_plan(run_url, samples_per_shard(rows_per_shard), mapper)
+    tasks = [dict(run_url=run_url, shard=s, sources=r) for s, r in plan.items()]
+    detail, kept, dropped = DownloadDetail(), {}, {}
+    for shard, part in zip(plan, mapper(download_fates, tasks), strict=True):
+        detail.add(part)
+        kept[shard] = part["fates"].get("", 0)
+        dropped[shard] = {r: n for r, n in part["fates"].items() if r}
+    detail.http_429_by_host = http_429s(RunLayout(run_url))
+    outcome_counts = {s: kept[s] + sum(dropped[s].values()) for s in plan}
     figures = StageFigures("download", "metadata shard")
     shard_urls = storage.list_files(RunLayout(run_url).metadata_shards, ".parquet")
     if shard_urls:
@@ -232,18 +218,16 @@ def download(run_url: str, rows_per_shard: int, first: bool) -> tuple[StageFigur
     figures.kept = sum(kept.values())
     figures.dropped = _ordered(_sum_dropped(dropped), DROP_REASONS["download"])
     _add_shard_rows(figures, inputs, kept, dropped)
-    return figures, outcomes
+    return figures, detail
 
 
-def faces(run_url: str, outcomes: pa.Table | None) -> StageFigures:
+def faces(run_url: str, successes: dict[str, int] | None) -> StageFigures:
+    """Faces figures; `successes`: the latest successful downloads per raw shard, when the
+    download stage was counted."""
     urls = storage.list_files(RunLayout(run_url).faces_folder, ".parquet")
     rows = dict(zip(map(shard_of_file, urls), parallel_map(num_rows, urls), strict=True))
     figures = StageFigures("faces", "raw shard")
-    if outcomes is None:
-        inputs = dict(rows)
-    else:
-        successes = outcomes.filter(pc.equal(outcomes["status"], "success"))
-        inputs = value_counts(successes["shard"])
+    inputs = dict(rows) if successes is None else dict(successes)
     _check_shards(
         figures,
         inputs,
@@ -259,91 +243,85 @@ def faces(run_url: str, outcomes: pa.Table | None) -> StageFigures:
     return figures
 
 
-def _read_select(url: str) -> pa.Table:
-    table = read_columns(url, ["key", "kept", "reason"])
-    return table.append_column(
-        "shard", pa.array([shard_of_file(url)] * table.num_rows, pa.string())
-    )
+def _fates_figures(
+    figures: StageFigures, fates: dict[str, dict[str, int]], inputs: dict[str, int], order
+) -> None:
+    """Fill `figures` from per-shard fates ({shard: {reason or "" for kept: rows}})."""
+    kept = {s: f.get("", 0) for s, f in fates.items()}
+    dropped = {s: {r: n for r, n in f.items() if r} for s, f in fates.items()}
+    figures.input = sum(inputs.values())
+    figures.kept = sum(kept.values())
+    figures.dropped = _ordered(_sum_dropped(dropped), order)
+    _add_shard_rows(figures, inputs, kept, dropped)
 
 
-def select(run_url: str, upstream: Upstream | None) -> tuple[StageFigures, pa.Table]:
-    """Select figures, and the keys select kept with their shard (what dedup must decide)."""
-    urls = storage.list_files(RunLayout(run_url).select_folder, ".parquet")
-    decisions = pa.concat_tables(parallel_map(_read_select, urls))
+def select(fates: dict[str, dict], upstream: Upstream | None) -> StageFigures:
+    """Select figures from the raw shards' fates (shards.raw_shard_fates)."""
     figures = StageFigures("select", "raw shard")
-    grouped = _grouped(decisions.select(["shard", "reason"]), "shard", "reason")
-    kept, dropped = _split_kept(grouped)
-    outcome_counts = {s: sum(c.values()) for s, c in grouped.items()}
-    for url in urls:  # an empty select shard still says "0 decisions" for its shard
-        outcome_counts.setdefault(shard_of_file(url), 0)
-    inputs = dict(outcome_counts) if upstream is None else upstream.kept
+    per_shard = {s: f["select"] for s, f in fates.items()}
+    outcomes = {s: sum(c.values()) for s, c in per_shard.items()}
+    inputs = dict(outcomes) if upstream is None else upstream.kept
     _check_shards(
         figures,
         inputs,
-        outcome_counts,
+        outcomes,
         lambda s, i, o: (
             f"{s}: {i} images in faces/{s}.parquet, "
             + (f"{o} decisions in select/{s}.parquet" if o else f"no decisions in select/{s}")
         ),
     )
-    figures.input = sum(inputs.values())
-    figures.kept = sum(kept.values())
-    figures.dropped = _ordered(_sum_dropped(dropped), DROP_REASONS["select"])
-    _add_shard_rows(figures, inputs, kept, dropped)
-    kept_keys = decisions.filter(pc.fill_null(decisions["kept"], False)).select(["key", "shard"])
-    return figures, kept_keys
+    _fates_figures(figures, per_shard, inputs, DROP_REASONS["select"])
+    return figures
 
 
-def dedup(run_url: str, selected: pa.Table | None) -> tuple[StageFigures, pa.Table | None]:
-    """Dedup figures, and the keys dedup kept with their raw shard (what emit must publish)."""
-    url = RunLayout(run_url).dedup_decisions
-    decisions = read_columns(url, ["key", "kept", "reason"])
+def _unknown_problem(figures: StageFigures, unknown: list[dict], describe) -> None:
+    """A problem for the stage when shards hold keys the stage before did not pass on."""
+    count = sum(u["count"] for u in unknown)
+    if count:
+        examples = ", ".join(str(e) for u in unknown for e in u["examples"])
+        figures.problems.append(Problem(figures.stage, (), describe(count, examples)))
+
+
+def dedup(fates: dict[str, dict], decisions_rows: int) -> StageFigures:
+    """Dedup figures: each decision under the raw shard of its key, checked against the keys
+    select kept there (`fates`: shards.raw_shard_fates; `decisions_rows`: the file's rows)."""
     figures = StageFigures("dedup", "raw shard")
-    if selected is None:  # select's output is gone: count the decisions as they are
-        reasons = pc.if_else(decisions["kept"], pa.scalar(None, pa.string()), decisions["reason"])
-        counts = value_counts(reasons)
-        figures.input = decisions.num_rows
-        figures.kept = counts.pop("unknown", 0)
-        figures.dropped = _ordered(counts, DROP_REASONS["dedup"])
-        return figures, None
-
-    # Each decision is attributed to the raw shard select kept its key in.
-    reason = pc.if_else(
-        pc.fill_null(decisions["kept"], False), pa.scalar(None, pa.string()), decisions["reason"]
-    )
-    decided = pa.table({"key": decisions["key"], "reason": reason, "decided": decisions["kept"]})
-    joined = selected.join(decided, "key", join_type="left outer")
-    undecided = joined.filter(pc.is_null(joined["decided"]))
-    joined = joined.filter(pc.is_valid(joined["decided"]))
-    grouped = _grouped(joined.select(["shard", "reason"]), "shard", "reason")
-    kept, dropped = _split_kept(grouped)
-    outcome_counts = {s: sum(c.values()) for s, c in grouped.items()}
-    inputs = value_counts(selected["shard"])
-    missing = value_counts(undecided["shard"])
+    per_shard = {s: f["dedup"]["fates"] for s, f in fates.items()}
+    outcomes = {s: sum(c.values()) for s, c in per_shard.items()}
+    inputs = {s: f["select"].get("", 0) for s, f in fates.items()}
+    missing = {s: f["dedup"]["undecided"] for s, f in fates.items()}
     _check_shards(
         figures,
         inputs,
-        outcome_counts,
+        outcomes,
         lambda s, i, o: (
             f"{s}: {i} images kept in select/{s}.parquet, {o} decisions in dedup/decisions.parquet"
             + (f" ({missing[s]} without a decision)" if missing.get(s) else "")
         ),
     )
-    _unknown_keys(
+    unknown = [f["dedup"]["unknown"] for f in fates.values()]
+    outside = decisions_rows - sum(f["dedup"]["decided"] for f in fates.values())
+    if outside:
+        unknown.append({"count": outside, "examples": []})
+    _unknown_problem(
         figures,
-        decisions["key"],
-        selected["key"],
+        unknown,
         lambda n, e: (
             f"{n} decisions in dedup/decisions.parquet are for keys no select shard"
             f" kept (e.g. {e}): dedup ran on other select output"
         ),
     )
-    figures.input = sum(inputs.values())
-    figures.kept = sum(kept.values())
-    figures.dropped = _ordered(_sum_dropped(dropped), DROP_REASONS["dedup"])
-    _add_shard_rows(figures, inputs, kept, dropped)
-    kept_keys = joined.filter(pc.fill_null(joined["decided"], False)).select(["key", "shard"])
-    return figures, kept_keys
+    _fates_figures(figures, per_shard, inputs, DROP_REASONS["dedup"])
+    return figures
+
+
+def dedup_alone(counts: dict[str, int], decisions_rows: int) -> StageFigures:
+    """Dedup figures when select's output is gone: the decisions as they are."""
+    figures = StageFigures("dedup", "raw shard")
+    figures.input = decisions_rows
+    figures.kept = counts.get("", 0)
+    figures.dropped = _ordered({r: n for r, n in counts.items() if r}, DROP_REASONS["dedup"])
+    return figures
 
 
 def dataset_shards(run_url: str) -> list[str]:
@@ -352,14 +330,9 @@ def dataset_shards(run_url: str) -> list[str]:
     return [url for url in urls if shard_of_file(url).isdigit()]
 
 
-def _read_dataset_shard(url: str) -> pa.Table:
-    table = read_columns(url, ["key", "raw_shard"])
-    return table.append_column(
-        "dataset_shard", pa.array([shard_of_file(url)] * len(table), pa.string())
-    )
-
-
-def _check_index_files(figures: StageFigures, folder: str, per_dataset_shard: dict) -> None:
+def _check_index_files(
+    figures: StageFigures, folder: str, per_dataset_shard: dict, manifest: dict | None
+) -> None:
     """The samples per dataset shard against sizes.json and manifest.parquet."""
     sizes_url = storage.join(folder, contract.SIZES_JSON)
     if storage.exists(sizes_url):  # copy mode: the count OpenCLIP-style loaders trust
@@ -370,9 +343,7 @@ def _check_index_files(figures: StageFigures, folder: str, per_dataset_shard: di
             per_dataset_shard,
             lambda s, i, o: f"{s}: sizes.json says {i} samples, dataset/{s}.parquet holds {o}",
         )
-    manifest_url = storage.join(folder, contract.MANIFEST_PARQUET)
-    if storage.exists(manifest_url):
-        manifest = value_counts(read_columns(manifest_url, ["shard"])["shard"])
+    if manifest is not None:
         _check_shards(
             figures,
             per_dataset_shard,
@@ -381,25 +352,28 @@ def _check_index_files(figures: StageFigures, folder: str, per_dataset_shard: di
         )
 
 
-def emit(run_url: str, final: pa.Table | None) -> tuple[StageFigures, pa.Table]:
-    """Published samples per raw shard, checked key by key against the samples the stage before
-    kept (`final`: key, shard); per dataset shard against sizes.json and manifest.parquet.
-
-    Returns the figures and the samples per dataset shard (shard, samples).
-    """
+def emit(
+    run_url: str, infos: dict[str, dict], fates: dict[str, dict] | None, manifest: dict | None
+) -> tuple[StageFigures, pa.Table]:
+    """Published samples per raw shard, checked key by key against the samples the stages
+    before kept (`fates`, None when they are not known); per dataset shard (`infos`:
+    shards.dataset_shard) against sizes.json and manifest.parquet (`manifest`: its rows per
+    shard, None without one). Returns the figures and the samples per dataset shard."""
     figures = StageFigures("emit", "raw shard")
-    published = pa.concat_tables(parallel_map(_read_dataset_shard, dataset_shards(run_url)))
-    per_dataset_shard = value_counts(published["dataset_shard"])
-    _check_index_files(figures, RunLayout(run_url).dataset, per_dataset_shard)
-    outcome = value_counts(published["raw_shard"])
-    if final is None:
+    per_dataset_shard = {name: info["samples"] for name, info in infos.items()}
+    _check_index_files(figures, RunLayout(run_url).dataset, per_dataset_shard, manifest)
+    outcome: Counter[str] = Counter()
+    for info in infos.values():
+        outcome.update(info["raws"])
+    repeated = sum(info["repeated"] for info in infos.values())
+    if fates is None:
         inputs = dict(outcome)
     else:
-        inputs = value_counts(final["shard"])
-        _unknown_keys(
+        inputs = {s: f["final"] for s, f in fates.items()}
+        repeated += sum(f["emit"]["repeated"] for f in fates.values())
+        _unknown_problem(
             figures,
-            published["key"],
-            final["key"],
+            [f["emit"]["unknown"] for f in fates.values()],
             lambda n, e: (
                 f"{n} published samples were not kept by the stages before (e.g."
                 f" {e}): the dataset is stale"
@@ -408,16 +382,16 @@ def emit(run_url: str, final: pa.Table | None) -> tuple[StageFigures, pa.Table]:
     _check_shards(
         figures,
         inputs,
-        outcome,
+        dict(outcome),
         lambda s, i, o: f"{s}: {i} samples kept from raw shard {s}, {o} in the dataset",
     )
-    if pc.count_distinct(published["key"]).as_py() != published.num_rows:
+    if repeated:
         figures.problems.append(
             Problem("emit", (), "some keys are published more than once in dataset/*.parquet")
         )
     figures.input = sum(inputs.values())
-    figures.kept = published.num_rows
-    _add_shard_rows(figures, inputs, outcome, {})
+    figures.kept = sum(per_dataset_shard.values())
+    _add_shard_rows(figures, inputs, dict(outcome), {})
     names = sorted(per_dataset_shard)
     sizes = pa.table(
         {

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from laionface.audit.read import parallel_map, read_columns
 from laionface.io import storage
-from laionface.layout import RunLayout, url_hosts
+from laionface.layout import RunLayout
 
 TOP_DOMAINS = 20
 
@@ -98,30 +97,13 @@ def face_stats(run_url: str, min_score: float) -> FaceStats | None:
     return total
 
 
-def domain_failures(outcomes: pa.Table, top: int = TOP_DOMAINS) -> list[dict[str, Any]]:
-    """The `top` domains with the most failed downloads: domain, rows, failed, failure rate."""
-    if outcomes.num_rows == 0:
-        return []
-    hosts = pc.fill_null(url_hosts(outcomes["URL"]), "(not a URL)")
-    failed = pc.not_equal(outcomes["status"], "success")
-    table = pa.table({"domain": hosts, "failed": pc.cast(failed, pa.int64())})
-    grouped = table.group_by("domain").aggregate([("failed", "sum"), ("failed", "count")])
+def domain_failures(domains: dict[str, list[int]], top: int = TOP_DOMAINS) -> list[dict[str, Any]]:
+    """The `top` domains with the most failed downloads (from DownloadDetail.domains): domain,
+    rows, failed, failure rate."""
     rows = [
-        {"domain": r["domain"], "rows": r["failed_count"], "failed": r["failed_sum"]}
-        for r in grouped.to_pylist()
-        if r["failed_sum"]
+        {"domain": domain, "rows": rows, "failed": failed, "rate": failed / rows}
+        for domain, (rows, failed) in domains.items()
+        if failed
     ]
     rows.sort(key=lambda r: (-r["failed"], r["domain"]))
-    for row in rows:
-        row["rate"] = row["failed"] / row["rows"]
     return rows[:top]
-
-
-def failure_examples(outcomes: pa.Table, per_category: int = 3) -> dict[str, list[dict]]:
-    """A few failed rows (URL, error message) of each category, the first in key order."""
-    out: dict[str, list[dict]] = {}
-    categories = pc.unique(outcomes["error_category"].drop_null()).to_pylist()
-    for category in sorted(categories):
-        rows = outcomes.filter(pc.equal(outcomes["error_category"], category))
-        out[category] = rows.select(["URL", "error_message"]).slice(0, per_category).to_pylist()
-    return out

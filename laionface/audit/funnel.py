@@ -17,23 +17,27 @@ that don't add up is a `ConservationError` that names the stage and the shards.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pyarrow as pa
 
-from laionface.audit import counts
+from laionface.audit import counts, shards
 from laionface.audit.model import (
     KEPT,
     AuditError,
     ConservationError,
+    DownloadDetail,
     Funnel,
     Problem,
     StageFigures,
     pct,
 )
-from laionface.audit.read import recorded_settings, run_config
+from laionface.audit.read import num_rows, recorded_settings, run_config
+from laionface.audit.shards import Mapper
 from laionface.config import DedupSection, MetadataSection
+from laionface.dataset import contract
 from laionface.io import storage
-from laionface.layout import STAGE_ORDER, RunLayout
+from laionface.layout import STAGE_ORDER, RunLayout, shard_of_file
 
 log = logging.getLogger("laionface")
 
@@ -70,35 +74,86 @@ def _rows_per_shard(run_url: str) -> int:
 
 
 class _Counter:
-    """Counts the stages in order, each checked against the one before when it is known."""
+    """Counts the stages in order, each checked against the one before when it is known.
 
-    def __init__(self, run_url: str):
+    The reads are per shard (audit.shards), mapped by `mapper`: on the cluster in a run, on a
+    thread pool for `laionface stats` and `report`."""
+
+    def __init__(self, run_url: str, present: dict[str, bool], mapper: Mapper):
         self.run_url = run_url
+        self.layout = RunLayout(run_url)
+        self.present = present
+        self.map = mapper
         self.tables: dict[str, pa.Table] = {}
-        self.outcomes = self.selected = self.final = None
+        self.download: DownloadDetail | None = None
+        self.fates: dict[str, dict] | None = None
+        self.infos: dict[str, dict] = {}
         self.upstream: counts.Upstream | None = None
 
     def figures(self, name: str, first: bool) -> StageFigures:
         run_url, linked = self.run_url, self.upstream is not None
         if name == "metadata":
-            return counts.metadata(run_url)
+            return counts.metadata(run_url, self.map)
         if name == "download":
-            figures, self.outcomes = counts.download(run_url, _rows_per_shard(run_url), first)
-            self.tables["outcomes"] = self.outcomes
+            figures, self.download = counts.download(
+                run_url, _rows_per_shard(run_url), first, self.map
+            )
             return figures
         if name == "faces":
-            return counts.faces(run_url, self.outcomes if linked else None)
+            linked = linked and self.download is not None
+            return counts.faces(run_url, self.download.successes if linked else None)
         if name == "select":
-            figures, self.selected = counts.select(run_url, self.upstream)
-            self.final = self.selected
-            return figures
+            return counts.select(self._fates(), self.upstream)
         if name == "dedup":
-            figures, self.final = counts.dedup(run_url, self.selected if linked else None)
-            return figures
+            return self._dedup(linked)
+        fates = self._fates() if linked and self.present.get("select", False) else None
+        manifest_url = storage.join(self.layout.dataset, contract.MANIFEST_PARQUET)
+        manifest = None
+        if storage.exists(manifest_url):
+            manifest = self.map(shards.manifest_counts, [{"url": manifest_url}])[0]
         figures, self.tables["dataset_shards"] = counts.emit(
-            run_url, self.final if linked else None
+            run_url, self._dataset_infos(), fates, manifest
         )
         return figures
+
+    def _dedup(self, linked: bool) -> StageFigures:
+        url = self.layout.dedup_decisions
+        rows = num_rows(url)
+        if not (linked and self.present.get("select", False)):  # select's output is gone
+            return counts.dedup_alone(self.map(shards.decision_counts, [{"url": url}])[0], rows)
+        return counts.dedup(self._fates(), rows)
+
+    def _dataset_infos(self) -> dict[str, dict]:
+        if self.present.get("emit", False) and not self.infos:
+            urls = counts.dataset_shards(self.run_url)
+            found = self.map(shards.dataset_shard, [{"url": url} for url in urls])
+            self.infos = dict(zip(map(shard_of_file, urls), found, strict=True))
+        return self.infos
+
+    def _fates(self) -> dict[str, dict]:
+        """Every raw shard's fates from select on (shards.raw_shard_fates), read once."""
+        if self.fates is None:
+            holders: dict[str, list[str]] = {}
+            for name, info in self._dataset_infos().items():
+                for raw in info["raws"]:
+                    holders.setdefault(raw, []).append(
+                        storage.join(self.layout.dataset, contract.parquet_name(name))
+                    )
+            raws = [
+                shard_of_file(u) for u in storage.list_files(self.layout.select_folder, ".parquet")
+            ]
+            kwargs = [
+                dict(
+                    run_url=self.run_url,
+                    raw=raw,
+                    dataset_urls=holders.get(raw, []),
+                    decisions=self.present.get("dedup", False),
+                    published=self.present.get("emit", False),
+                )
+                for raw in raws
+            ]
+            self.fates = dict(zip(raws, self.map(shards.raw_shard_fates, kwargs), strict=True))
+        return self.fates
 
     def check_input(self, figures: StageFigures) -> None:
         upstream = self.upstream
@@ -124,8 +179,9 @@ def _no_output(run_url: str) -> AuditError:
     )
 
 
-def funnel(run_url: str, upto: str | None = None) -> Funnel:
-    """The funnel of the stages present (up to and including `upto`), with conservation checked.
+def funnel(run_url: str, upto: str | None = None, client: Any = None) -> Funnel:
+    """The funnel of the stages present (up to and including `upto`), with conservation checked;
+    the per-shard reads run on the cluster behind `client`, else on threads here.
 
     Inconsistencies are collected in `Funnel.problems`, not raised: see `check_conservation`.
     """
@@ -137,7 +193,8 @@ def funnel(run_url: str, upto: str | None = None) -> Funnel:
     if not any(present.values()):
         raise _no_output(run_url)
     disabled = [] if _dedup_enabled(run_url) else ["dedup"]
-    counter = _Counter(run_url)
+    mapper = shards.local_mapper if client is None else shards.dask_mapper(client)
+    counter = _Counter(run_url, present, mapper)
     stages: list[StageFigures] = []
     for name in wanted:
         if not present[name]:
@@ -149,7 +206,7 @@ def funnel(run_url: str, upto: str | None = None) -> Funnel:
         stages.append(figures)
     missing = [name for name in wanted if not present[name]]
     problems = [p for s in stages for p in s.problems]
-    return Funnel(run_url, stages, missing, problems, disabled, counter.tables)
+    return Funnel(run_url, stages, missing, problems, disabled, counter.tables, counter.download)
 
 
 def check_conservation(result: Funnel) -> None:
@@ -158,11 +215,11 @@ def check_conservation(result: Funnel) -> None:
         raise ConservationError(result.problems)
 
 
-def write_audit(run_url: str) -> Funnel:
+def write_audit(run_url: str, client: Any = None) -> Funnel:
     """Write audit/funnel.parquet and audit/shards.parquet; raise ConservationError if the
     funnel does not add up (the two files are then removed, never left disagreeing with the run).
     """
-    result = funnel(run_url)
+    result = funnel(run_url, client=client)
     layout = RunLayout(run_url)
     funnel_url, shards_url = layout.audit_funnel, layout.audit_shards
     if not result.ok:

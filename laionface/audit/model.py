@@ -61,6 +61,33 @@ class StageFigures:
         return sum(self.dropped.values())
 
 
+# Failed rows the report shows per download failure category.
+EXAMPLES_PER_CATEGORY = 3
+
+
+@dataclass
+class DownloadDetail:
+    """What the report shows of the download beyond the funnel, summed over metadata shards
+    (audit.shards.download_fates)."""
+
+    successes: dict[str, int] = field(default_factory=dict)  # raw shard: latest successes
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # category: failed rows
+    domains: dict[str, list[int]] = field(default_factory=dict)  # host: [rows, failed]
+    # 429 answers per host, over the complete raw shards (their markers' stats).
+    http_429_by_host: dict[str, int] = field(default_factory=dict)
+
+    def add(self, part: dict) -> None:
+        for shard, n in part["successes"].items():
+            self.successes[shard] = self.successes.get(shard, 0) + n
+        for category, rows in part["examples"].items():
+            shown = self.examples.setdefault(category, [])
+            shown += rows[: EXAMPLES_PER_CATEGORY - len(shown)]
+        for host, (rows, failed) in part["domains"].items():
+            total = self.domains.setdefault(host, [0, 0])
+            total[0] += rows
+            total[1] += failed
+
+
 @dataclass
 class Funnel:
     """Where the rows of a run went; `rows()` is the table `laionface stats` prints."""
@@ -70,9 +97,10 @@ class Funnel:
     missing: list[str]  # stages with no output, in pipeline order
     problems: list[Problem]
     disabled: list[str] = field(default_factory=list)  # stages the config turns off ("dedup")
-    # Tables read on the way that the report reuses: "outcomes" (latest download outcomes) and
-    # "dataset_shards" (shard, samples).
+    # Read on the way, reused by the report: "dataset_shards" (shard, samples), and the
+    # download's detail when the download stage was counted.
     tables: dict[str, pa.Table] = field(default_factory=dict, repr=False)
+    download: DownloadDetail | None = field(default=None, repr=False)
 
     @property
     def input_rows(self) -> int:

@@ -24,7 +24,6 @@ import sys
 from typing import TextIO
 
 import numpy as np
-import pyarrow.compute as pc
 from matplotlib.ticker import MaxNLocator
 
 from laionface.audit.figures import (
@@ -32,16 +31,17 @@ from laionface.audit.figures import (
     FACE_COUNT_BINS,
     SCORE_EDGES,
     SIDE_EDGES,
+    TOP_DOMAINS,
     FaceStats,
     domain_failures,
     face_stats,
-    failure_examples,
 )
 from laionface.audit.funnel import funnel
 from laionface.audit.html import absent, escape, html_table, note
 from laionface.audit.model import KEPT, AuditError, ConservationError, Funnel, pct
 from laionface.audit.plots import barh_plot, figure, hist_plot, png, shard_ticks
-from laionface.audit.read import read_columns, run_config
+from laionface.audit.read import run_config
+from laionface.audit.shards import CLUSTER_SIZE_CAP, DOMAINS_PER_SHARD, cluster_summary
 from laionface.audit.sheets import (
     LEGEND,
     URL_CHARS,
@@ -166,8 +166,7 @@ def _section_download_failures(result: Funnel) -> str:
         return absent("download")
     if not stage.dropped:
         return note(f"No download failures: all {stage.input:,} rows downloaded.")
-    outcomes = result.tables.get("outcomes")
-    examples = failure_examples(outcomes) if outcomes is not None else {}
+    examples = result.download.examples if result.download is not None else {}
     rows = []
     for category, count in stage.dropped.items():
         shown = "<br>".join(
@@ -199,12 +198,11 @@ def _section_download_failures(result: Funnel) -> str:
 
 
 def _section_domains(result: Funnel) -> str:
-    outcomes = result.tables.get("outcomes")
-    if outcomes is None:
+    if result.download is None:
         return absent("download")
-    top = domain_failures(outcomes)
+    top = domain_failures(result.download.domains)
     if not top:
-        return note("No download failures.")
+        return note("No download failures.") + _rate_limits(result.download.http_429_by_host)
     rows = [
         [escape(r["domain"]), f"{r['rows']:,}", f"{r['failed']:,}", f"{100 * r['rate']:.1f}%"]
         for r in top
@@ -217,7 +215,29 @@ def _section_domains(result: Funnel) -> str:
     plot = barh_plot(
         [r["domain"] for r in top], [r["failed"] for r in top], "failed rows", "failures by domain"
     )
-    return table + plot
+    scope = note(
+        f"Each metadata shard reports its {DOMAINS_PER_SHARD} domains with the most failures;"
+        " the counts are their sums, exact for a domain in the lists of all its shards."
+    )
+    return table + plot + scope + _rate_limits(result.download.http_429_by_host)
+
+
+def _rate_limits(by_host: dict[str, int]) -> str:
+    """The hosts that answered 429 Too Many Requests, most first (download.max_per_host and
+    Retry-After are the stage's answer to them)."""
+    if not by_host:
+        return note("No host answered 429 Too Many Requests.")
+    rows = [[escape(host), f"{n:,}"] for host, n in list(by_host.items())[:TOP_DOMAINS]]
+    return (
+        "<h3>429 Too Many Requests, by host</h3>"
+        + html_table([("host", False), ("429 answers", True)], rows, id="rate-limits-table")
+        + note(
+            f"{sum(by_host.values()):,} answers 429 from {len(by_host):,} host(s); each was"
+            " retried after its Retry-After (download.rate_limit_retries,"
+            " download.max_retry_after), and fewer requests at once go to a host with a"
+            " lower download.max_per_host."
+        )
+    )
 
 
 def _section_resolution(stats: FaceStats | None, config: Config) -> str:
@@ -308,58 +328,44 @@ def _section_duplicates(run_url: str, result: Funnel) -> str:
     stage = result.stage("dedup")
     if stage is None:
         return absent("dedup")
-    decisions = read_columns(RunLayout(run_url).dedup_decisions, ["key", "kept", "cluster"])
-    clustered = decisions.filter(pc.is_valid(decisions["cluster"]))
-    sizes = clustered.group_by("cluster").aggregate([("key", "count")])
-    sizes = sizes.filter(pc.greater(sizes["key_count"], 1)).sort_by(
-        [("key_count", "descending"), ("cluster", "ascending")]
-    )
+    summary = cluster_summary(url=RunLayout(run_url).dedup_decisions)
     counts = [
         [escape(reason), f"{n:,}", f"{pct(n, stage.input):.2f}%"]
         for reason, n in stage.dropped.items()
     ]
     parts = [
         f"<p>{stage.dropped_total:,} of {stage.input:,} selected images dropped as duplicates;"
-        f" {sizes.num_rows:,} clusters with more than one image.</p>",
+        f" {summary['clusters']:,} clusters with more than one image.</p>",
         html_table(
             [("reason", False), ("images", True), ("% of dedup input", True)],
             counts,
             id="duplicates-table",
         ),
     ]
-    if sizes.num_rows:
-        values = sizes["key_count"].to_numpy()
-        cap = 20
-        bins = np.bincount(np.minimum(values, cap), minlength=cap + 1)[2:]
-        labels = [str(i) for i in range(2, cap)] + [f"{cap}+"]
-        fig = figure()
-        ax = fig.add_subplot()
-        ax.bar(np.arange(len(labels)), bins, color="#8e6cc1")
-        ax.set_xticks(np.arange(len(labels)), labels=labels)
-        if bins.max() > 50:  # web data: many pairs, a few huge clusters
-            ax.set_yscale("symlog", linthresh=1)
-        else:
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("images in the cluster")
-        ax.set_ylabel("clusters")
-        parts.append(png(fig, "duplicate cluster sizes"))
-        largest = sizes.slice(0, 10)
-        keepers = decisions.filter(
-            pc.and_(
-                pc.fill_null(decisions["kept"], False),
-                pc.is_in(decisions["cluster"], value_set=largest["cluster"]),
-            )
-        )
-        keeper_of = dict(
-            zip(keepers["cluster"].to_pylist(), keepers["key"].to_pylist(), strict=True)
-        )
+    if summary["clusters"]:
+        parts.append(_cluster_size_plot(summary["histogram"]))
         rows = [
-            [str(r["cluster"]), f"{r['key_count']:,}", escape(keeper_of.get(r["cluster"], ""))]
-            for r in largest.to_pylist()
+            [str(c["cluster"]), f"{c['images']:,}", escape(c["keeper"])] for c in summary["largest"]
         ]
         parts.append("<h3>Largest clusters</h3>")
         parts.append(html_table([("cluster", True), ("images", True), ("kept key", False)], rows))
     return "".join(parts)
+
+
+def _cluster_size_plot(histogram: list[int]) -> str:
+    bins = np.array(histogram)
+    labels = [str(i) for i in range(2, CLUSTER_SIZE_CAP)] + [f"{CLUSTER_SIZE_CAP}+"]
+    fig = figure()
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(labels)), bins, color="#8e6cc1")
+    ax.set_xticks(np.arange(len(labels)), labels=labels)
+    if bins.max() > 50:  # web data: many pairs, a few huge clusters
+        ax.set_yscale("symlog", linthresh=1)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("images in the cluster")
+    ax.set_ylabel("clusters")
+    return png(fig, "duplicate cluster sizes")
 
 
 def _raw_shard_plot(series: dict[str, dict[str, int]]) -> str:

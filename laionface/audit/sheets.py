@@ -26,9 +26,9 @@ from laionface.audit.html import escape
 from laionface.audit.model import DROPPED, KEPT, Funnel
 from laionface.audit.read import column_names, parallel_map, read_columns
 from laionface.config import Config
-from laionface.io import storage, tars
+from laionface.io import keyed, storage, tars
 from laionface.io.imagedecode import decode_image
-from laionface.layout import IMAGE_EXTENSIONS, RunLayout
+from laionface.layout import IMAGE_EXTENSIONS, RunLayout, key_prefix
 
 KEPT_SAMPLES = 24
 
@@ -114,23 +114,24 @@ def choose_samples(run_url: str, result: Funnel, seed: int) -> list[Sample]:
     quota = {c: KEPT_SAMPLES if c == "kept" else DROPPED_SAMPLES for c in counts}
     shards = pick_sample_shards(counts, quota, seed)
     candidates: dict[str, list[Sample]] = {}
-    decisions = None
-    if result.stage("dedup"):
-        decisions = read_columns(
-            RunLayout(run_url).dedup_decisions,
-            ["key", "kept", "reason", "duplicate_of", "distance"],
-        )
+    layout = RunLayout(run_url)
+    decided = result.stage("dedup") is not None
     for shard in shards:
-        select = read_columns(RunLayout(run_url).select(shard), ["key", "kept", "reason"])
+        select = read_columns(layout.select(shard), ["key", "kept", "reason"])
         for row in select.filter(pc.invert(pc.fill_null(select["kept"], False))).to_pylist():
             candidates.setdefault(row["reason"], []).append(
                 Sample(row["key"], shard, row["reason"])
             )
         kept_keys = select.filter(pc.fill_null(select["kept"], False))["key"]
-        if decisions is None:
+        if not decided:
             for key in kept_keys.to_pylist():
                 candidates.setdefault("kept", []).append(Sample(key, shard, "kept"))
             continue
+        decisions = keyed.read_prefix(
+            layout.dedup_decisions,
+            key_prefix(shard),
+            ["key", "kept", "reason", "duplicate_of", "distance"],
+        )
         mine = decisions.filter(pc.is_in(decisions["key"], value_set=kept_keys))
         for row in mine.to_pylist():
             if row["kept"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from laionface.io import storage
@@ -112,3 +112,16 @@ def open_client(
         if dashboard:
             log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
+
+
+def gather_map(client: Any, fn: Callable[..., Any], kwargs: list[dict]) -> list[Any]:
+    """`fn(**k)` for each k on the cluster behind `client`, the results in order: for reads
+    that return small per-shard figures, so the driver holds figures, not rows (no markers,
+    no retries: a failure is raised as it is)."""
+    # The arguments travel as one dict: spread into submit, a name such as `retries` or
+    # `resources` would be taken as submit's own.
+    return client.gather([client.submit(_call, fn, k, pure=False) for k in kwargs])
+
+
+def _call(fn: Callable[..., Any], kwargs: dict) -> Any:
+    return fn(**kwargs)

@@ -128,7 +128,7 @@ def run_stages(
         run_stage(ctx)
         contexts.append(ctx)
     # Every input row must have exactly one fate; a mismatch is an error naming the shards.
-    funnel = write_audit(run.url).as_dict()
+    funnel = write_audit(run.url, client).as_dict()
     for ctx in contexts:
         if ctx.stage is not None and ctx.stage.finish is not None:
             ctx.stage.finish(ctx, funnel)

@@ -103,10 +103,10 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
-def write_parquet(table: pa.Table, url: str) -> None:
+def write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) -> None:
     """Write a parquet file atomically (zstd; deterministic bytes for the same table)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
     write_bytes(url, buffer.getvalue())
 
 

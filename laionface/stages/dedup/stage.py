@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from laionface.config import DedupSection
 from laionface.engine.runner import ShardTask, StageContext
 from laionface.engine.stage import Stage
-from laionface.io import storage
+from laionface.io import keyed, storage
 from laionface.io.schemas import DEDUP_SAMPLES, DROP_COUNTS
 from laionface.layout import DEDUP, DEDUP_REASONS, FACES, SELECT, shard_name, shard_of_file
 from laionface.stages.dedup import hashindex
@@ -121,7 +121,8 @@ def decide_all(
     else:
         pairs = read_pairs(pair_urls) if search == "dask" else no_pairs()
     decisions = decide(samples.drop_columns(["shard"]), reference, pairs, cfg)
-    storage.write_parquet(decisions, decisions_url)
+    # Row groups small enough that a per-shard reader (the audit) reads one or two of them.
+    storage.write_parquet(decisions, decisions_url, row_group_size=keyed.ROW_GROUP_ROWS)
     reason = decisions["reason"].combine_chunks()
     storage.write_parquet(_drop_counts(shard_ids, samples["shard"].to_numpy(), reason), drops_url)
     counts = {"samples": decisions.num_rows, "kept": int(pc.sum(decisions["kept"]).as_py() or 0)}

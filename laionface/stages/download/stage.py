@@ -35,15 +35,17 @@ the run's shards is run.json's `stages.download.http_429_by_host`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
+from laionface.engine.cluster import gather_map
 from laionface.engine.runner import ShardTask, StageContext, StageFailed
 from laionface.engine.stage import Stage
 from laionface.io import storage
 from laionface.layout import DOWNLOAD, METADATA, RAW, samples_per_shard, shard_of_file
 from laionface.stages.download import isolation
-from laionface.stages.download.outcomes import latest_outcomes, summarize
+from laionface.stages.download.outcomes import add_summaries, origin_plan, origin_summary
 from laionface.stages.download.retries import drop_stale_retries, plan_retries, retry_inputs
 from laionface.stages.download.shard import download_shard
 
@@ -122,6 +124,16 @@ def _map(ctx: StageContext, step: str, tasks: list[ShardTask]) -> dict[str, dict
     return stats
 
 
+def _summary(ctx: StageContext, settings_fp: str) -> dict:
+    """The run's download outcomes summed over per-metadata-shard tasks on the cluster (each
+    input row once, under its latest attempt): the driver holds counts, not rows."""
+    samples = samples_per_shard(ctx.config.metadata.rows_per_shard)
+    mapper = functools.partial(gather_map, ctx.client)
+    plan = origin_plan(ctx.layout.url, samples, mapper, settings_fp)
+    tasks = [dict(run_url=ctx.layout.url, shard=s, sources=r) for s, r in plan.items()]
+    return add_summaries(mapper(origin_summary, tasks))
+
+
 def _http_429s(stats: dict[str, dict]) -> dict[str, int]:
     """429 answers per host over these shards (shards made before the count existed: none)."""
     total: Counter[str] = Counter()
@@ -147,7 +159,7 @@ def run(ctx: StageContext) -> None:
     if retries:
         stats.update(_map(ctx, "download/retry", _tasks(ctx, retries)))
     _warn_failure_rates(stats, config.download.failure_rate_warning)
-    summary = summarize(latest_outcomes(layout.url, settings_fp))
+    summary = _summary(ctx, settings_fp)
     record = ctx.run.stage("download")
     record["outcomes"] = summary
     record["http_429_by_host"] = _http_429s(stats)
