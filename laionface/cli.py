@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
+import shlex
+import signal
 import sys
 
 from laionface import __version__
 from laionface.config import ConfigError, load_config
+from laionface.layout import STAGE_ORDER
 
 log = logging.getLogger("laionface")
 
@@ -19,20 +24,18 @@ EPILOG_RUN = """examples:
   laionface run pipelines/laion-face-50m.toml --run-dir s3://bucket/laion-face
   laionface run pipelines/demo.toml --stages select --set select.min_score=0.95
   laionface run pipelines/laion-face-50m.toml --scheduler tcp://10.0.0.5:8786
+  laionface run pipelines/demo.toml --dry-run --set select.min_score=0.95
 """
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="run folder, any fsspec URL (default: [run] run_dir)")
-    parser.add_argument("--stages", help="comma-separated stages to run (default: all)")
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set faces.batch_size=64 (repeatable)",
+        "--stages",
+        help=f"comma-separated stages to run, of {', '.join(STAGE_ORDER)} (default: all)",
     )
+    _add_set(parser)
     parser.add_argument("--scheduler", default="", help="address of an existing Dask scheduler")
     parser.add_argument("--workers", type=int, help="LocalCluster workers (default: [cluster])")
     parser.add_argument(
@@ -42,6 +45,18 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set faces.batch_size=64 (repeatable); VALUE is TOML "
+        "or a bare word; none unsets an optional key",
+    )
 
 
 def _add_run(commands) -> None:
@@ -54,6 +69,26 @@ def _add_run(commands) -> None:
     )
     run.add_argument("pipeline", help="pipeline config, e.g. pipelines/demo.toml")
     _add_run_args(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what the run would do (inputs, shards, stages to run or skip and why, the "
+        "cluster) and write nothing",
+    )
+
+
+def _add_config(commands) -> None:
+    config = commands.add_parser(
+        "config",
+        help="print a pipeline's resolved config as TOML, defaults included",
+        description="Print the config a run would use: the pipeline file with its --set "
+        "overrides, every key with its value (defaults included). The output loads again as "
+        "the same config.",
+        epilog="example:\n  laionface config pipelines/demo.toml --set select.min_score=0.95",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config.add_argument("pipeline", help="pipeline config, e.g. pipelines/demo.toml")
+    _add_set(config)
 
 
 def _add_demo(commands) -> None:
@@ -82,12 +117,15 @@ def _add_audit_commands(commands) -> None:
     stats = commands.add_parser(
         "stats",
         help="print a run's funnel: where every input row went",
-        description="Print the funnel (stage, reason, count, %% of input, %% of stage input) and "
+        description="Print the funnel (stage, reason, count, % of input, % of stage input) and "
         "check that every input row has exactly one fate.",
-        epilog="example:\n  laionface stats runs/demo",
+        epilog="examples:\n  laionface stats runs/demo\n  laionface stats runs/demo --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stats.add_argument("run", help="run folder (any fsspec URL)")
+    stats.add_argument(
+        "--json", action="store_true", help="print the funnel as one JSON object instead"
+    )
     report = commands.add_parser(
         "report",
         help="write a run's self-contained HTML report",
@@ -163,6 +201,29 @@ def _add_export_reference(commands) -> None:
     reference.add_argument("--out", required=True, help="output parquet (any fsspec URL)")
 
 
+def _add_logging_args(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """-v, --log-level and --log-format, on the main parser (with the defaults) and on every
+    subcommand (without: a subcommand's unset option leaves the main parser's value alone), so
+    they are accepted before or after the subcommand."""
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, other libraries' too", **unset
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="what to log (default: the pipeline's run.log_level, else INFO)",
+        **unset,
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text (default), or json: one JSON object per log line on stderr",
+        **({"default": "text"} if defaults else unset),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laionface",
@@ -171,18 +232,31 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"laionface {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_logging_args(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_demo, _add_audit_commands, _add_verify_publish):
         add(commands)
     _add_export_reference(commands)
+    _add_config(commands)
+    for command in dict.fromkeys(commands.choices.values()):
+        _add_logging_args(command, defaults=False)
     return parser
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from laionface.audit.stats import stats_command
 
-    return stats_command(args.run)
+    return stats_command(args.run, as_json=args.json)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from laionface.config import config_toml
+
+    config = load_config(args.pipeline, args.overrides)
+    command = ["laionface", "config", args.pipeline, *(f"--set={o}" for o in args.overrides)]
+    print(f"# {shlex.join(command)}: the resolved config, defaults included")
+    print(config_toml(config), end="")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -238,8 +312,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from laionface.engine.pipeline import run_pipeline
 
     config = load_config(args.pipeline, args.overrides)
-    if not args.verbose:
+    if not (args.verbose or args.log_level):
         logging.getLogger("laionface").setLevel(config.run.log_level)
+    if args.dry_run:
+        from laionface.engine.dryrun import dry_run
+
+        plan = dry_run(
+            config,
+            run_dir=args.run_dir,
+            stages=args.stages,
+            scheduler=args.scheduler,
+            workers=args.workers,
+        )
+        print(plan.text())
+        return 0
     run = run_pipeline(
         config,
         run_dir=args.run_dir,
@@ -279,34 +365,68 @@ COMMANDS = {
     "publish": cmd_publish,
     "export": cmd_export,
     "reference": cmd_reference,
+    "config": cmd_config,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class JsonLogFormatter(logging.Formatter):
+    """`--log-format json`: one JSON object per log line (time in UTC, level, logger, message,
+    and the traceback when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {
+            "time": when.isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(
+        JsonLogFormatter() if args.log_format == "json" else logging.Formatter("%(message)s")
+    )
     if not args.verbose:
         # Dask logs cluster chatter and every retried task's traceback; laionface reports
         # failed shards itself, so only its own lines and others' errors are shown.
         handler.addFilter(lambda r: r.name.startswith("laionface") or r.levelno >= logging.ERROR)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    logging.getLogger("laionface").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    level = "DEBUG" if args.verbose else (args.log_level or "INFO")
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("laionface").setLevel(level)
+
+
+def _error(args: argparse.Namespace, text: str) -> None:
+    """A command's final error: a line on stderr, or a log record with --log-format json."""
+    if args.log_format == "json":
+        log.error("%s", text)
+    else:
+        print(text, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, f"error: {exc}")
         return 2
     except Exception as exc:
         # laionface's own errors and missing files say what to do; anything else is a bug and
         # keeps its traceback.
         if not (type(exc).__module__.startswith("laionface") or isinstance(exc, FileNotFoundError)):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, f"error: {exc}")
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, or SIGTERM during a run (engine.pipeline raises it as Terminated): 128 + signal.
+        _error(args, "interrupted: re-run the same command to resume")
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def entry() -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -263,6 +265,38 @@ class Config(Section):
         return json.loads(self.model_dump_json())
 
 
+# A string given without TOML quotes: one word of the characters names, paths, globs and URLs
+# use (run.name=my-run, metadata.input=data/*.parquet, cluster.scheduler=tcp://10.0.0.5:8786).
+# Quotes, brackets, braces, commas, "=", "#" and spaces are TOML's: a value holding any of them
+# must be valid TOML, so an unbalanced bracket is an error instead of a string.
+BARE_WORD = re.compile(r"""[^\s"'\[\]{},=#]+""")
+# `--set KEY=none` unsets an optional key (one whose type allows None, e.g. select.max_faces).
+NONE_WORD = "none"
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """A `--set` value: TOML, a bare word (a string), or None for `none`."""
+    if raw == NONE_WORD:
+        return None
+    if not raw:
+        raise ConfigError(
+            f"--set {key}=: no value; give one ('' is the empty string, none unsets an "
+            "optional key)"
+        )
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError as exc:
+        if BARE_WORD.fullmatch(raw):
+            return raw  # a bare word is a string: --set run.name=my-run
+        raise ConfigError(
+            f"--set {key}={raw}: not a TOML value ({exc}) nor a bare word: check its brackets "
+            """and quotes, e.g. --set 'metadata.nsfw=["UNLIKELY"]', --set 'run.name="my run"'"""
+        ) from None
+    if list(parsed) != ["v"]:  # a newline in the value smuggled in more keys
+        raise ConfigError(f"--set {key}={raw!r}: one value only, on one line")
+    return parsed["v"]
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(
@@ -272,16 +306,47 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"--set {text!r}: the key is empty")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word is a string: --set run.name=my-run
-    return path, value
+    return path, _parse_value(".".join(path), raw.strip())
+
+
+def _field_of(path: list[str]) -> FieldInfo | None:
+    """The config field at `path` (["select", "max_faces"]); None when it is no model field."""
+    model: type[BaseModel] = Config
+    field = None
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        if i < len(path) - 1:
+            if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+                return None
+            model = field.annotation
+    return field
+
+
+def _check_unset(path: list[str]) -> None:
+    """`KEY=none` is for optional keys; for any other it is an error that says what to give."""
+    field = _field_of(path)
+    if field is None or type(None) in get_args(field.annotation):
+        return  # optional, or not a key of the config (validation names it)
+    key = ".".join(path)
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        raise ConfigError(f"--set {key}=none: [{key}] is a section; set its keys")
+    raise ConfigError(
+        f"--set {key}=none: {key} is not optional, so it can't be unset (none unsets optional "
+        f"keys such as select.max_faces); give a value (its default is {default!r}), or write "
+        f"""--set '{key}="none"' for the string none"""
+    )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `--set KEY=VALUE` overrides to raw config data (before validation); a value is TOML
+    or a bare word, `none` unsets an optional key; anything else is a ConfigError naming the key."""
     for text in overrides:
         path, value = _parse_override(text)
+        if value is None:
+            _check_unset(path)
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -337,3 +402,62 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     source = str(path) if not overrides else f"{path} (with --set overrides)"
     return parse_config(apply_overrides(data, overrides), source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved config as TOML (`laionface config`)
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are TOML's (\n \t \" \\ \uXXXX); DEL is the one control character JSON
+    # leaves raw and TOML refuses.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_table(name: str, section: BaseModel) -> list[str]:
+    """`[name]` with its keys in declaration order, then its sub-sections as tables."""
+    lines, tables = [f"[{name}]"], []
+    for key in type(section).model_fields:
+        value = getattr(section, key)
+        if isinstance(value, BaseModel):
+            tables.append((f"{name}.{key}", value))
+        elif value is None:
+            lines.append(f"# {key}: unset (TOML has no null; --set {name}.{key}={NONE_WORD})")
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for sub_name, sub in tables:
+        lines += ["", *_toml_table(sub_name, sub)]
+    return lines
+
+
+def config_toml(config: Config) -> str:
+    """The config as TOML: every key with its value, defaults included; an unset optional key is
+    a comment (TOML has no null, and a missing optional key loads as unset). `load_config` reads
+    it back as an equal config."""
+    lines: list[str] = []
+    for name in Config.model_fields:
+        lines += [*_toml_table(name, getattr(config, name)), ""]
+    return "\n".join(lines)

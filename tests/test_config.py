@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from laionface.config import Config, ConfigError, load_config
+from laionface.config import Config, ConfigError, config_toml, load_config
 from laionface.engine.pipeline import stage_of
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -128,3 +128,64 @@ def test_resolved_config_validates_again():
     config.download.max_image_area = float("inf")
     again = Config.model_validate(config.resolved())
     assert again == config
+
+
+def test_an_unbalanced_set_value_is_an_error_naming_the_key(tmp_path):
+    path = _write(tmp_path, "")
+    for value in ('["UNLIKELY"', '"UNLIKELY', "{a = 1", "[1, 2", "my run"):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, [f"metadata.nsfw={value}"])
+        message = str(err.value)
+        assert "metadata.nsfw" in message and "brackets and quotes" in message, message
+    with pytest.raises(ConfigError, match="run.name=: no value"):
+        load_config(path, ["run.name="])
+    with pytest.raises(ConfigError, match="one value only"):
+        load_config(path, ['run.name="a"\nfaces.batch_size=3'])
+
+
+def test_bare_words_are_strings(tmp_path):
+    config = load_config(
+        _write(tmp_path, ""),
+        [
+            "run.name=my-run",
+            "cluster.scheduler=tcp://10.0.0.5:8786",
+            "metadata.input=data/part-*.parquet",
+            "run.run_dir=s3://bucket/runs/x",
+        ],
+    )
+    assert config.run.name == "my-run"
+    assert config.cluster.scheduler == "tcp://10.0.0.5:8786"
+    assert config.metadata.input == ["data/part-*.parquet"]
+    assert config.run.run_dir == "s3://bucket/runs/x"
+
+
+def test_none_unsets_an_optional_key_and_is_an_error_for_any_other(tmp_path):
+    path = _write(tmp_path, "[select]\nmax_faces = 8\n[metadata]\nmin_side = 64\n")
+    assert load_config(path).select.max_faces == 8
+    config = load_config(path, ["select.max_faces=none", "metadata.min_side=none"])
+    assert config.select.max_faces is None and config.metadata.min_side is None
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["select.min_score=none"])
+    message = str(err.value)
+    assert "select.min_score is not optional" in message and "0.9" in message
+    assert """--set 'select.min_score="none"'""" in message  # how to give the string
+    assert load_config(path, ['run.name="none"']).run.name == "none"
+    with pytest.raises(ConfigError, match=r"\[select\] is a section"):
+        load_config(path, ["select=none"])
+
+
+@pytest.mark.parametrize("name", ["demo", "laion-face-50m", "laion-face-20m"])
+def test_the_resolved_config_as_toml_loads_as_the_same_config(name, tmp_path):
+    overrides = [
+        "select.max_faces=none",
+        'download.resolve={"images.example.test" = "127.0.0.1:8080"}',
+        "faces.resources={GPU = 1}",
+        'run.name="quote \\" and \\\\ and é"',
+    ]
+    config = load_config(PIPELINES / f"{name}.toml", overrides)
+    text = config_toml(config)
+    assert "max_image_area = inf" in text  # a default, written out
+    assert "# max_faces: unset" in text  # TOML has no null
+    again = load_config(_write(tmp_path, text))
+    assert again == config
+    assert load_config(_write(tmp_path, config_toml(Config()))) == Config()

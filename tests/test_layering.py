@@ -29,6 +29,7 @@ LAYERS = (
     ("laionface.dataset", 3),
     ("laionface.audit", 4),
     ("laionface.engine.pipeline", 5),
+    ("laionface.engine.dryrun", 5),
     ("laionface.demo", 6),
     ("laionface.cli", 6),
     ("laionface.__main__", 6),

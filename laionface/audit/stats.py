@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, TextIO
 
@@ -39,14 +40,26 @@ def format_table(result: Funnel) -> str:
     return "\n".join(text)
 
 
-def stats_command(run_url: str, out: TextIO | None = None) -> int:
-    """`laionface stats RUN`: print the funnel; 0 if it adds up, else 1 (the error printed)."""
+def stats_json(result: Funnel) -> dict[str, Any]:
+    """`laionface stats --json`: the funnel's totals per stage (Funnel.as_dict), the run, and the
+    table's rows (stage, outcome, reason, count, pct_of_input, pct_of_stage_input)."""
+    return {"run": result.run_url, **result.as_dict(), "rows": result.rows()}
+
+
+def stats_command(run_url: str, out: TextIO | None = None, as_json: bool = False) -> int:
+    """`laionface stats RUN`: print the funnel (as one JSON object with `as_json`); 0 if it adds
+    up, else 1 (the error printed)."""
     out = out or sys.stdout
     try:
         result = funnel(run_url)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps(stats_json(result), indent=2), file=out)
+        if not result.ok:
+            print(f"error: {ConservationError(result.problems)}", file=sys.stderr)
+        return 0 if result.ok else 1
     print(f"run: {result.run_url}", file=out)
     print(format_table(result), file=out)
     print(

@@ -156,7 +156,8 @@ DATASET_FIELDS = {
     "max_shard_bytes cut a shard earlier.",
     "max_shard_bytes": "emit.max_shard_bytes: no tar passes this size unless it holds a single "
     "sample (the order rule); null: shards are cut by count only.",
-    "counts": "{samples, shards}: totals over the dataset.",
+    "counts": "{samples, shards}: totals over the dataset (0 and 0 when no row passed every "
+    "stage: an empty dataset).",
     "stages": "Per stage that produced the dataset: {settings, versions, finished}: the settings "
     "and software versions it last ran with (a stage re-run alone updates only its own entry).",
     "versions": "Software versions of the command that wrote this file (python, laionface, dask, "
@@ -293,8 +294,9 @@ DATASET_JSON_SCHEMA: dict[str, Any] = {
             "required": ["samples", "shards"],
             "additionalProperties": False,
             "properties": {
-                "samples": {"type": "integer", "minimum": 1},
-                "shards": {"type": "integer", "minimum": 1},
+                # 0 and 0: an empty result (no row passed every stage) is a dataset too.
+                "samples": {"type": "integer", "minimum": 0},
+                "shards": {"type": "integer", "minimum": 0},
             },
         },
         "stages": {"type": "object", "additionalProperties": {"type": "object"}},
@@ -572,6 +574,11 @@ def dataset_card(meta: dict, image_ext: str | None) -> str:
         f"A face image-text dataset built with laionface ({FORMAT} version {FORMAT_VERSION}, "
         f"{meta['mode']} mode): {counts['samples']:,} samples in {counts['shards']:,} shards. "
         "`dataset.json` lists every file with its sha256; `laionface verify FOLDER` checks them.",
+        *(
+            ["", "This dataset is empty: no input row passed every stage (see How it was made)."]
+            if not counts["samples"]
+            else []
+        ),
         "",
         "## Reading it",
         "",

@@ -232,19 +232,35 @@ def _as_completed(futures: dict, watchdog: Watchdog) -> Iterator[Any]:
         watchdog.check({future.key: futures[future] for future in pending})
 
 
-class _Progress:
-    """The progress bar of a step (shards done, items per second)."""
+# Without a terminal to draw a bar on, a step logs its progress at most this often.
+PROGRESS_LOG_SECONDS = 30.0
 
-    def __init__(self, step: str, total: int, initial: int, unit: str, enabled: bool):
-        self.unit = unit
+
+class _Progress:
+    """A step's progress (shards done, items per second): a bar when stderr is a terminal, else
+    a log line at most every `every` seconds (a bar's carriage-return frames would fill a log
+    file); nothing when not `enabled`."""
+
+    def __init__(
+        self,
+        step: str,
+        total: int,
+        initial: int,
+        unit: str,
+        enabled: bool,
+        every: float = PROGRESS_LOG_SECONDS,
+    ):
+        self.step, self.unit, self.total, self.done = step, unit, total, initial
         self.items = 0
-        self.started = time.perf_counter()
+        self.started = self.logged = time.perf_counter()
+        self.every = every
+        self.logging = enabled and not sys.stderr.isatty()
         self.bar = tqdm(
             total=total,
             initial=initial,
             desc=step,
             unit="shard",
-            disable=not enabled,
+            disable=not enabled or self.logging,
             file=sys.stderr,
             dynamic_ncols=True,
         )
@@ -253,9 +269,14 @@ class _Progress:
         self.items += items
 
     def update(self) -> None:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.items / elapsed:,.1f} {self.unit}/s", refresh=False)
+        self.done += 1
+        now = time.perf_counter()
+        rate = f"{self.items / max(now - self.started, 1e-9):,.1f} {self.unit}/s"
+        self.bar.set_postfix_str(rate, refresh=False)
         self.bar.update(1)
+        if self.logging and now - self.logged >= self.every and self.done < self.total:
+            self.logged = now
+            log.info("%s: %d/%d shards, %s", self.step, self.done, self.total, rate)
 
     def close(self) -> None:
         self.bar.close()

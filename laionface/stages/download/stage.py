@@ -146,7 +146,10 @@ def run(ctx: StageContext) -> None:
     config, layout = ctx.config, ctx.layout
     settings_fp = ctx.stage.fingerprint(config) if ctx.stage else ""
     inputs = storage.list_files(layout.metadata_shards, ".parquet")
-    if not inputs:
+    # A metadata summary of 0 shards: the metadata stage ran and kept no row. That empty result
+    # goes through every stage (no shard to download); no summary: it has not run.
+    made = layout.metadata_summary
+    if not inputs and not (storage.exists(made) and storage.read_json(made)["shards"] == 0):
         raise FileNotFoundError(
             f"{layout.metadata_shards}: no metadata shards to download; run the metadata"
             " stage first (laionface run PIPELINE --stages metadata,download)"

@@ -40,7 +40,7 @@ from laionface.engine.markers import now_iso
 from laionface.engine.runfolder import software_versions
 from laionface.engine.runner import ShardTask, StageContext
 from laionface.engine.stage import Stage
-from laionface.io import storage
+from laionface.io import schemas, storage
 from laionface.io.schemas import EMIT_PLAN
 from laionface.io.tars import HashingWriter
 from laionface.layout import (
@@ -72,6 +72,13 @@ def _read_tables(urls: list[str], columns: list[str]) -> list[pa.Table]:
         return list(pool.map(lambda url: storage.read_parquet(url, columns), urls))
 
 
+def _kept_no_metadata_row(layout: RunLayout) -> bool:
+    """Whether the metadata stage ran and wrote no shard (its summary says 0): then there is
+    nothing to download, detect or select, and the dataset is empty."""
+    summary = layout.metadata_summary
+    return storage.exists(summary) and storage.read_json(summary)["shards"] == 0
+
+
 def _select_decisions(layout: RunLayout) -> pa.Table:
     """select's decisions of every raw shard (key, kept, reason, raw_shard), checked."""
     raw_ids = {shard_of_file(u) for u in storage.list_files(layout.raw, ".parquet")}
@@ -84,7 +91,10 @@ def _select_decisions(layout: RunLayout) -> pa.Table:
             ": run the faces and select stages first"
         )
     if not select_urls:
-        raise EmitError(f"{layout.select_folder} has no shards: run the earlier stages first")
+        if not _kept_no_metadata_row(layout):
+            raise EmitError(f"{layout.select_folder} has no shards: run the earlier stages first")
+        empty = schemas.SELECT.empty_table().select(["key", "kept", "reason"])
+        return empty.append_column("raw_shard", pa.array([], pa.string()))
     tables = _read_tables(select_urls, ["key", "kept", "reason"])
     decided = pa.concat_tables(
         t.append_column("raw_shard", pa.array([sid] * len(t), pa.string()))
@@ -212,7 +222,7 @@ def _tasks(ctx: StageContext, ordered: pa.Table) -> list[ShardTask]:
     plan = ordered.add_column(0, "shard", shard_column).cast(EMIT_PLAN)
     _write_plan(layout.emit_plan, plan, counts)
     tasks = []
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = np.cumsum([0, *counts])[:-1]
     for i, (start, count) in enumerate(zip(starts.tolist(), counts, strict=True)):
         name = shard_name(i)
         mine = plan.slice(start, count)
@@ -318,9 +328,11 @@ def run(ctx: StageContext) -> None:
     storage.remove(storage.join(layout.dataset, contract.DATASET_JSON))
     ordered = plan_samples(layout.url, ctx.config.dedup.enabled)
     if len(ordered) == 0:
-        raise EmitError(
-            "no sample passed select and dedup, so there is nothing to publish: see the drop "
-            "counts in run.json and loosen the [select] rules"
+        # An empty result is a result: an empty dataset (no shard, sizes.json {}, an empty
+        # manifest) whose dataset.json and card say 0 samples, and that verifies.
+        log.warning(
+            "emit: no sample passed every stage: the dataset is empty (0 samples); "
+            "`laionface stats` shows where the rows went"
         )
     tasks = _tasks(ctx, ordered)
     stats = ctx.map_shards("emit", write_dataset_shard, tasks, unit="samples")
