@@ -201,6 +201,51 @@ def _add_export_reference(commands) -> None:
     reference.add_argument("--out", required=True, help="output parquet (any fsspec URL)")
 
 
+def _add_takedown(commands) -> None:
+    takedown = commands.add_parser(
+        "takedown",
+        help="write a new version of a dataset without some samples (removal requests)",
+        description="Write a new version of DATASET to --out without the samples the selectors "
+        "choose: shards that lose samples are rewritten, the others copied byte for byte; "
+        "dataset.json names the old version (sha256 of its dataset.json) and counts the "
+        "removals per reason. The old version is not touched; `laionface publish NEW TARGET "
+        "--replace` swaps the new one in. Lists (IDs, URLs, sha256) take the layouts "
+        "metadata.exclude_list reads: .pth/.pt, .npy, .parquet, .txt.",
+        epilog="examples:\n"
+        "  laionface takedown runs/demo/dataset --out runs/demo/dataset-v2 --ids optout.txt\n"
+        "  laionface takedown s3://b/faces --out s3://b/faces-v2 --keep-only relaion-urls.parquet\n"
+        "  laionface takedown runs/demo/dataset --images requests/ --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    takedown.add_argument("dataset", help="dataset folder or run folder (any fsspec URL)")
+    takedown.add_argument("--out", help="where the new version goes (an empty folder)")
+    takedown.add_argument("--ids", default="", metavar="FILE", help="remove these SAMPLE_IDs")
+    takedown.add_argument("--urls", default="", metavar="FILE", help="remove these URLs")
+    takedown.add_argument(
+        "--sha256", default="", metavar="FILE", help="remove these image sha256 digests (hex)"
+    )
+    takedown.add_argument(
+        "--images",
+        nargs="+",
+        default=[],
+        metavar="FOLDER_OR_TAR",
+        help="remove near duplicates of these images (folders, tars, images, pHash parquet)",
+    )
+    takedown.add_argument(
+        "--max-distance", type=int, default=4, help="pHash distance for --images (default: 4)"
+    )
+    takedown.add_argument(
+        "--keep-only",
+        default="",
+        metavar="FILE",
+        help="remove every sample whose SAMPLE_ID and URL are both missing from this allow-list",
+    )
+    takedown.add_argument("--name", help="the new version's name (default: the old one's)")
+    takedown.add_argument("--dry-run", action="store_true", help="count only, write nothing")
+    takedown.add_argument("--workers", type=int, default=4, help="parallel shards (default: 4)")
+    takedown.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
 def _add_logging_args(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """-v, --log-level and --log-format, on the main parser (with the defaults) and on every
     subcommand (without: a subcommand's unset option leaves the main parser's value alone), so
@@ -238,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(commands)
     _add_export_reference(commands)
     _add_config(commands)
+    _add_takedown(commands)
     for command in dict.fromkeys(commands.choices.values()):
         _add_logging_args(command, defaults=False)
     return parser
@@ -356,6 +402,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from laionface.dataset.takedown import Selectors, takedown
+
+    selectors = Selectors(
+        ids=args.ids,
+        urls=args.urls,
+        sha256=args.sha256,
+        images=tuple(args.images),
+        max_distance=args.max_distance,
+        keep_only=args.keep_only,
+    )
+    result = takedown(
+        args.dataset,
+        args.out,
+        selectors,
+        name=args.name,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        force=args.force,
+    )
+    for reason, count in result.removed.items():
+        print(f"{reason}: {count:,} removed ({result.listed[reason]:,} listed)")
+    for problem in result.unreadable_images:
+        print(f"--images: not hashed: {problem}", file=sys.stderr)
+    if result.without_phash:
+        print(f"--images: {result.without_phash:,} samples have no pHash and were not compared")
+    gone = result.samples_before - result.samples_after
+    done = "would be" if args.dry_run else "were"
+    print(
+        f"{gone:,} of {result.samples_before:,} samples {done} removed; shards rewritten: "
+        f"{', '.join(result.rewritten) or 'none'}"
+    )
+    if not args.dry_run:
+        print(f"new version: {result.out} (previous dataset.json sha256 {result.previous_sha256})")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "demo": cmd_demo,
@@ -365,6 +448,7 @@ COMMANDS = {
     "publish": cmd_publish,
     "export": cmd_export,
     "reference": cmd_reference,
+    "takedown": cmd_takedown,
     "config": cmd_config,
 }
 

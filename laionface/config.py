@@ -79,6 +79,10 @@ class MetadataColumns(Section):
     license: str = "LICENSE"
     nsfw: str = "NSFW"
     similarity: str = "similarity"
+    # Read only by the max_punsafe / max_pwatermark filters (not carried to the download
+    # shards): LAION-5B's safety and watermark probabilities, or a source's equivalents.
+    punsafe: str = ""
+    pwatermark: str = ""
 
 
 class MetadataSection(Section):
@@ -88,6 +92,10 @@ class MetadataSection(Section):
     id_list: str = ""
     exclude_list: str = ""
     nsfw: list[str] = Field(default_factory=list)
+    # Allowed LICENSE values, exactly as written ("?" is LAION's unknown); [] = all.
+    licenses: list[str] = Field(default_factory=list)
+    max_punsafe: Fraction | None = None
+    max_pwatermark: Fraction | None = None
     min_similarity: float | None = None
     min_side: NonNegativeInt | None = None
     max_side: PositiveInt | None = None
@@ -99,7 +107,7 @@ class MetadataSection(Section):
     dedup_urls: bool = True
     rows_per_shard: PositiveInt = 10_000
 
-    @field_validator("input", "nsfw", "url_schemes", "blocked_domains", mode="before")
+    @field_validator("input", "nsfw", "licenses", "url_schemes", "blocked_domains", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -121,6 +129,9 @@ class MetadataSection(Section):
             "url": True,
             "text": True,
             "nsfw": bool(self.nsfw),
+            "license": bool(self.licenses),
+            "punsafe": self.max_punsafe is not None,
+            "pwatermark": self.max_pwatermark is not None,
             "similarity": self.min_similarity is not None,
             "width": sized,
             "height": sized,

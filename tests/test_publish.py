@@ -12,6 +12,7 @@ import fsspec
 import pytest
 
 from laionface.dataset.publish import PublishError, publish
+from laionface.dataset.takedown import Selectors, takedown
 from laionface.dataset.verify import verify
 from laionface.io import storage
 from tests import datasetrun
@@ -154,3 +155,32 @@ def test_publish_to_s3_interrupted_then_resumed(built, s3_server):
     with open(built.dataset / row["tar"], "rb") as handle:
         handle.seek(row["image_offset"])
         assert image == handle.read(row["image_size"])
+
+
+def test_publish_replace_swaps_in_a_takedown_version_with_dataset_json_last(built, tmp_path):
+    target = tmp_path / "published"
+    publish(str(built.run), str(target))
+    row = storage.read_parquet(str(built.dataset / "00002.parquet")).to_pylist()[1]
+    (tmp_path / "urls.txt").write_text(row["url"] + "\n")
+    new = tmp_path / "v2"
+    takedown(str(built.dataset), str(new), Selectors(urls=str(tmp_path / "urls.txt")))
+    old_files = json.loads((built.dataset / "dataset.json").read_text())["files"]
+    new_files = json.loads((new / "dataset.json").read_text())["files"]
+    changed = {name for name, entry in new_files.items() if old_files.get(name) != entry}
+    assert {"00002.tar", "00002.parquet", "manifest.parquet", "README.md"} <= changed
+    with pytest.raises(PublishError, match="already holds another published dataset"):
+        publish(str(new), str(target))
+
+    seen = []
+
+    def watch(name: str, action: str) -> None:
+        seen.append((name, action, (target / "dataset.json").exists()))
+
+    assert publish(str(new), str(target), replace=True, on_file=watch) == 0
+    assert not any(had_meta for _, _, had_meta in seen)  # no reader sees a mix of versions
+    assert {name for name, action, _ in seen if action == "copied"} == changed
+    assert {name for name, action, _ in seen if action == "skipped"} == set(new_files) - changed
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in new.iterdir())
+    for path in new.iterdir():
+        assert (target / path.name).read_bytes() == path.read_bytes()
+    assert verify(str(target)) == []

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from laionface.dataset import contract
+from laionface.dataset.takedown import Selectors, takedown
 from laionface.dataset.verify import image_problem, verify
 from laionface.io import storage
 from laionface.io.tars import TarWriter, UnsafeTar, iter_members
@@ -252,3 +253,37 @@ def test_shards_must_be_cut_by_the_order_rule(dataset):
         and p.endswith(f"over max_shard_bytes = {meta['max_shard_bytes']:,}")
         for p in problems
     )
+
+
+def test_a_takedown_version_keeps_the_previous_cut(built, tmp_path):
+    row = storage.read_parquet(str(built.dataset / "00001.parquet")).to_pylist()[2]
+    (tmp_path / "urls.txt").write_text(row["url"] + "\n")
+    out = tmp_path / "v2"
+    takedown(str(built.dataset), str(out), Selectors(urls=str(tmp_path / "urls.txt")))
+    assert verify(str(out)) == []
+    meta = json.loads((out / "dataset.json").read_text())
+    # The same shards as a dataset emit wrote: shard 00001 is one short of the order rule's cut.
+    emitted = {k: v for k, v in meta.items() if k not in ("previous", "changes")}
+    (out / "dataset.json").write_text(json.dumps(emitted))
+    assert "00001.tar: 3 samples; the order rule (samples_per_shard = 4) puts 4 in it" in (
+        verify(str(out))
+    )
+    # A takedown version's shards hold at most samples_per_shard samples.
+    (out / "dataset.json").write_text(json.dumps({**meta, "samples_per_shard": 3}))
+    problems = verify(str(out))
+    assert "00000.tar: 4 samples, more than samples_per_shard = 3" in problems
+    assert not any("puts" in p for p in problems)
+
+
+def test_samples_must_be_in_the_order_rules_order(dataset):
+    table = storage.read_parquet(str(dataset / "00001.parquet"))
+    rows = table.to_pylist()[::-1]
+    storage.write_parquet(
+        pa.Table.from_pylist(rows, schema=table.schema), str(dataset / "00001.parquet")
+    )
+    problems = verify(str(dataset))
+    assert (
+        f"00001.parquet: row 1 (key {rows[1]['key']}, raw shard {rows[1]['raw_shard']}) comes "
+        f"after key {rows[0]['key']} (raw shard {rows[0]['raw_shard']}): the order rule sorts "
+        "samples by raw shard, then key"
+    ) in problems

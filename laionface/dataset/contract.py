@@ -5,7 +5,8 @@ and read one), and rendered into the repository's `manifests/` (dataset.manifest
 folder holds:
 
     NNNNN.tar         (copy mode) webdataset shards of samples_per_shard samples (ORDER_RULE:
-                      fewer when emit.max_shard_bytes cuts them, and the last); members per
+                      fewer when emit.max_shard_bytes cuts them, and the last; a takedown
+                      version's shards keep their names and lose the removed samples); members per
                       sample, adjacent and in this order: {key}.<image> (the stored bytes,
                       untouched), {key}.json, {key}.txt
     NNNNN.parquet     the same samples in the same order (DATASET_SHARD), one row each
@@ -14,7 +15,8 @@ folder holds:
     manifest.parquet  where each sample's members lie (MANIFEST), for random access by byte range
     README.md         the dataset card: YAML `configs:` for Hugging Face `datasets.load_dataset`
                       (dataset_card), then the funnel and the settings in prose
-    dataset.json      written last: the record of the dataset, every other file's sha256
+    dataset.json      written last: the record of the dataset, every other file's sha256; a
+                      takedown version (dataset.takedown) adds `previous` and `changes`
 """
 
 from __future__ import annotations
@@ -39,8 +41,17 @@ ORDER_RULE = (
     "sample unless it already holds samples_per_shard samples or, when max_shard_bytes is set, "
     "its tar would then pass max_shard_bytes (a sample bigger than that alone gets a shard of "
     "its own); with max_shard_bytes unset, shard i holds samples i*N to i*N+N-1 with "
-    "N = samples_per_shard; a sample's members are {key}.<image>, {key}.json, {key}.txt"
+    "N = samples_per_shard; a sample's members are {key}.<image>, {key}.json, {key}.txt. A "
+    "takedown version (dataset.json has `previous`) keeps every shard of the version it was made "
+    "from, under the same name and in the same order, without the samples it removed: its "
+    "shards hold at most samples_per_shard samples each, possibly fewer or none, and a shard "
+    "that lost no sample is byte-identical to the previous version's"
 )
+# Why a takedown removes a sample (dataset.json's `changes`), in the order they are checked: a
+# sample is counted under the first that applies. keep_only: not in the --keep-only allow-list;
+# ids / urls / sha256: its SAMPLE_ID / url / image sha256 is listed; images: its pHash is within
+# --max-distance of a given image's.
+TAKEDOWN_REASONS = ("keep_only", "ids", "urls", "sha256", "images")
 MODES = ("copy", "manifest")
 WIDS_KIND = "wids-shard-index-v1"
 
@@ -92,6 +103,12 @@ def dataset_folder(source: str) -> str:
 
 def is_image_ext(ext: str) -> bool:
     return ext in IMAGE_EXTENSIONS
+
+
+def is_takedown(meta: dict) -> bool:
+    """Whether dataset.json is a takedown version's: its shards are the previous version's
+    without the removed samples (ORDER_RULE), not cut anew."""
+    return "previous" in meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +185,12 @@ DATASET_FIELDS = {
     "dataset.json itself is written last, so a folder without it is incomplete.",
     "source_root": "manifest mode only: the run folder the manifest's tar paths are relative to.",
     "sources": "manifest mode only: each raw tar the manifest points into -> {sha256, size}.",
+    "previous": "takedown versions only: the version this one was made from: {sha256 (of that "
+    "version's dataset.json file, byte for byte), created, samples}.",
+    "changes": "takedown versions only: what this version removed from the previous one: "
+    f"{{removed: {{reason: samples}} with reason one of {', '.join(TAKEDOWN_REASONS)} (each "
+    "sample counted once, under the first that applies), rewritten: the shards that lost "
+    "samples (every other shard is byte-identical to the previous version's)}.",
 }
 
 
@@ -279,7 +302,9 @@ DATASET_JSON_SCHEMA: dict[str, Any] = {
     "title": "laionface dataset (dataset.json)",
     "type": "object",
     "additionalProperties": False,
-    "required": [k for k in DATASET_FIELDS if k not in ("source_root", "sources")],
+    "required": [
+        k for k in DATASET_FIELDS if k not in ("source_root", "sources", "previous", "changes")
+    ],
     "properties": {
         "format": {"const": FORMAT},
         "format_version": {"const": FORMAT_VERSION},
@@ -309,7 +334,31 @@ DATASET_JSON_SCHEMA: dict[str, Any] = {
         },
         "source_root": {"type": "string"},
         "sources": {"type": "object", "additionalProperties": _FILE_ENTRY},
+        "previous": {
+            "type": "object",
+            "required": ["sha256", "created", "samples"],
+            "additionalProperties": False,
+            "properties": {
+                "sha256": {"type": "string", "pattern": _HEX64},
+                "created": {"type": "string"},
+                "samples": {"type": "integer", "minimum": 0},
+            },
+        },
+        "changes": {
+            "type": "object",
+            "required": ["removed", "rewritten"],
+            "additionalProperties": False,
+            "properties": {
+                "removed": {
+                    "type": "object",
+                    "propertyNames": {"enum": list(TAKEDOWN_REASONS)},
+                    "additionalProperties": {"type": "integer", "minimum": 0},
+                },
+                "rewritten": {"type": "array", "items": {"type": "string", "pattern": "^[0-9]+$"}},
+            },
+        },
     },
+    "dependentRequired": {"previous": ["changes"], "changes": ["previous"]},
     "if": {"properties": {"mode": {"const": "manifest"}}},
     "then": {"required": ["source_root", "sources"]},
 }
@@ -561,10 +610,29 @@ def _funnel_lines(funnel: dict) -> list[str]:
     return lines
 
 
+def _changes_lines(meta: dict) -> list[str]:
+    """A takedown version's card section: what it removed from which version."""
+    if not is_takedown(meta):
+        return []
+    previous, changes = meta["previous"], meta["changes"]
+    removed = ", ".join(f"{k}: {v:,}" for k, v in changes["removed"].items() if v) or "none"
+    rewritten = ", ".join(f"`{tar_name(n)}`" for n in changes["rewritten"]) or "none"
+    return [
+        "## Changes",
+        "",
+        f"Made by `laionface takedown` from the version of {previous['created']} "
+        f"({previous['samples']:,} samples; sha256 of its dataset.json: `{previous['sha256']}`). "
+        f"Removed, by reason: {removed}. Shards rewritten without them: {rewritten}; every "
+        "other shard is byte-identical to the previous version's.",
+        "",
+    ]
+
+
 def dataset_card(meta: dict, image_ext: str | None) -> str:
     """README.md of a dataset: the front matter (the configs; in copy mode with one image
-    extension, the tars' features), then what it holds, how to read it and how it was made (the
-    funnel and every stage's settings, from dataset.json's `funnel` and `stages`)."""
+    extension, the tars' features), then what it holds, how to read it, a takedown version's
+    changes, and how it was made (the funnel and every stage's settings, from dataset.json's
+    `funnel` and `stages`)."""
     counts = meta["counts"]
     features = card_features(image_ext) if meta["mode"] == "copy" and image_ext else ""
     out = [
@@ -590,10 +658,12 @@ def dataset_card(meta: dict, image_ext: str | None) -> str:
         "",
         *(f"- `{name}`: {text}" for name, text in SAMPLE_FIELDS.items()),
         "",
+        *_changes_lines(meta),
         "## How it was made",
         "",
-        f"{meta['funnel']['input_rows']:,} input rows, {meta['funnel']['kept']:,} published. "
-        "Where every row went (each is kept, or dropped once, for the first reason that applies):",
+        f"{meta['funnel']['input_rows']:,} input rows, {meta['funnel']['kept']:,} published by "
+        "the run. Where every row went (each is kept, or dropped once, for the first reason that "
+        "applies):",
         "",
         *_funnel_lines(meta["funnel"]),
         "",

@@ -37,7 +37,8 @@ class PublishError(RuntimeError):
     """The dataset can't be published to the target; the message says why and what to do."""
 
 
-def _sha256_of(url: str) -> str:
+def sha256_of(url: str) -> str:
+    """The sha256 (hex) of a file, read in chunks."""
     fs, path = storage.fs_for(url)
     digest = hashlib.sha256()
     with fs.open(path, "rb") as handle:
@@ -60,6 +61,16 @@ def _copy(source_url: str, target_url: str, entry: dict) -> None:
                 f"{source_url}: sha256 differs from dataset.json: the source dataset is "
                 f"corrupt; run laionface verify {source_url.rsplit('/', 1)[0]}"
             )
+
+
+def place_file(source_url: str, target_url: str, entry: dict, present_size: int | None) -> str:
+    """Copy one dataset file unless the target (`present_size` bytes; None: absent) already
+    holds it (entry's size and sha256); returns "copied" or "skipped". Raises PublishError when
+    the source's bytes are not the ones `entry` lists."""
+    if present_size == entry["size"] and sha256_of(target_url) == entry["sha256"]:
+        return "skipped"
+    _copy(source_url, target_url, entry)
+    return "copied"
 
 
 def _strays(target: str, present: dict[str, int], files: dict, replace: bool) -> list[str]:
@@ -89,12 +100,8 @@ def _copy_all(
     """Copy every listed file not already at the target; {"copied": n, "skipped": m}."""
 
     def place(name: str) -> tuple[str, str]:
-        entry = files[name]
-        target_url = storage.join(target, name)
-        if present.get(name) == entry["size"] and _sha256_of(target_url) == entry["sha256"]:
-            return name, "skipped"
-        _copy(storage.join(source_url, name), target_url, entry)
-        return name, "copied"
+        source, target_url = storage.join(source_url, name), storage.join(target, name)
+        return name, place_file(source, target_url, files[name], present.get(name))
 
     counts = {"copied": 0, "skipped": 0}
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -2,9 +2,10 @@
 
 `verify(url)` reads every byte of a dataset once (any fsspec URL) and returns every problem it
 finds, as lines that name the file, the key and what is wrong; an empty list means the dataset
-is intact: checksums, tar/parquet agreement, the webdataset key rules, the order rule's cut,
-n_faces against the counted faces, sizes.json, shardindex.json and manifest.parquet against the
-tars, the dataset card's configs, and every image decodes.
+is intact: checksums, tar/parquet agreement, the webdataset key rules, the order rule (the
+samples' order, and the shards' cut: by count and size, or a takedown version's shards holding
+at most samples_per_shard each), n_faces against the counted faces, sizes.json, shardindex.json
+and manifest.parquet against the tars, the dataset card's configs, and every image decodes.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class _Problems(list):
 class _ShardResult:
     problems: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # in tar order (copy) or parquet order
+    order: list[tuple[str, str]] = field(default_factory=list)  # (raw_shard, key) per parquet row
     locations: dict[str, dict] = field(default_factory=dict)  # key -> manifest location fields
     samples: int = 0
     tar: dict[str, Any] = field(default_factory=dict)  # md5, sha256, size of the tar read
@@ -301,6 +303,7 @@ def _check_copy_shard(
         result.locations[key] = _location(key, name, index, tar_name, sample_members)
     if rows is not None:
         _compare_rows(rows, read.samples, tar_name, parquet_problems)
+        result.order = [(row["raw_shard"], row["key"]) for row in rows]
     result.problems = problems.lines() + parquet_problems.lines()
     return result
 
@@ -468,15 +471,47 @@ def _check_manifest(
     return problems.lines(), rows
 
 
+def _order_problems(order_by_shard: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """The order rule's order: samples sorted by (raw_shard, key) across the shards."""
+    last: tuple[str, str] | None = None
+    for name in sorted(order_by_shard):
+        for position, pair in enumerate(order_by_shard[name]):
+            if last is not None and pair <= last:
+                return [
+                    f"{contract.parquet_name(name)}: row {position} (key {pair[1]}, raw shard "
+                    f"{pair[0]}) comes after key {last[1]} (raw shard {last[0]}): the order rule "
+                    "sorts samples by raw shard, then key"
+                ]
+            last = pair
+    return []
+
+
+def _takedown_shape_problems(meta: dict, counts: dict[str, int], what: str) -> list[str]:
+    """A takedown version's shards: the previous version's, each holding at most
+    samples_per_shard samples (contract.ORDER_RULE)."""
+    per_shard = meta["samples_per_shard"]
+    return [
+        f"{name}.{what}: {counts[name]} samples, more than samples_per_shard = {per_shard}"
+        for name in sorted(counts)
+        if counts[name] > per_shard
+    ]
+
+
 def _shape_problems(
     meta: dict, counts: dict[str, int], what: str, samples_bytes: list[int] | None = None
 ) -> list[str]:
     """The shards' sample counts against the order rule's cut (contract.cut_shards), from the
-    bytes each sample takes in its tar (`samples_bytes`, in order; copy mode)."""
+    bytes each sample takes in its tar (`samples_bytes`, in order; copy mode); a takedown
+    version's against its own rule."""
+    total, listed = sum(counts.values()), meta["counts"]["samples"]
+    count_problem = (
+        [] if total == listed else [f"dataset.json: counts.samples is {listed}, found {total}"]
+    )
+    if contract.is_takedown(meta):
+        return _takedown_shape_problems(meta, counts, what) + count_problem
     out = []
     names = sorted(counts)
     per_shard, max_bytes = meta["samples_per_shard"], meta.get("max_shard_bytes")
-    total = sum(counts.values())
     if max_bytes is not None and samples_bytes is None:
         out.append(
             f"dataset.json: max_shard_bytes is {max_bytes}, but a {meta['mode']} dataset has no tars to cut"
@@ -495,9 +530,7 @@ def _shape_problems(
             break  # the shards after it are shifted: one line says it
     if not out and len(expected) != len(names):
         out.append(f"{len(names)} shards; the order rule ({rule}) cuts {len(expected)}")
-    if total != meta["counts"]["samples"]:
-        out.append(f"dataset.json: counts.samples is {meta['counts']['samples']}, found {total}")
-    return out
+    return out + count_problem
 
 
 def _unique_key_problems(keys_by_shard: dict[str, list[str]], what: str) -> list[str]:
@@ -603,6 +636,7 @@ def _verify_copy_mode(
                 f"{contract.tar_name(name)}: {result.tar['size']:,} bytes with {result.samples} "
                 f"samples, over max_shard_bytes = {max_bytes:,}"
             )
+    problems += _order_problems({n: r.order for n, r in results.items() if r.order})
     problems += _unique_key_problems({n: r.keys for n, r in present.items()}, "tar")
     problems += _check_indexes(dataset_url, meta, results)
     locations = {k: v for r in results.values() for k, v in r.locations.items()}
@@ -657,6 +691,9 @@ def _read_shard_rows(dataset_url: str, meta: dict, names: list[str]) -> tuple[di
         if rows is not None:
             rows_by_shard[name] = rows
     problems += _shape_problems(meta, {n: len(r) for n, r in rows_by_shard.items()}, "parquet")
+    problems += _order_problems(
+        {n: [(r["raw_shard"], r["key"]) for r in rows] for n, rows in rows_by_shard.items()}
+    )
     problems += _unique_key_problems(
         {n: [r["key"] for r in rows] for n, rows in rows_by_shard.items()}, "parquet"
     )

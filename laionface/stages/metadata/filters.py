@@ -10,7 +10,13 @@ column a filter reads fails that filter); the reasons are layout.METADATA_REASON
     exclude_list       exclude_list       its SAMPLE_ID or its URL is in the list
     url_scheme         url_schemes        URL does not start with an allowed `scheme://` ([] = any)
     blocked_domain     blocked_domains    URL's host is a blocked domain or a subdomain of one
+    license            licenses           LICENSE is not one of the allowed values (exactly as
+                                          written; "?" is LAION's unknown)
     nsfw               nsfw               NSFW is not one of the allowed values (any case)
+    max_punsafe        max_punsafe        punsafe > max_punsafe (LAION-5B's NSFW probability;
+                                          columns.punsafe names the input's column; the bound
+                                          is taken at float32 precision, the scores' own)
+    max_pwatermark     max_pwatermark     pwatermark > max_pwatermark (watermark probability)
     min_similarity     min_similarity     similarity < min_similarity
     min_side           min_side           min(WIDTH, HEIGHT) < min_side (LAION often swaps them)
     max_side           max_side           max(WIDTH, HEIGHT) > max_side
@@ -20,6 +26,9 @@ column a filter reads fails that filter); the reasons are layout.METADATA_REASON
     duplicate_url      dedup_urls         an earlier row (input file order, then row order) that
                                           passed every filter above has the same URL, byte for
                                           byte (decided after the scan, steps.dedup_bucket)
+
+punsafe and pwatermark are read by their filters only: the scan casts them to DOUBLE, the
+download shards do not carry them (inputs.SCORE_NAMES).
 
 `reason_codes` reads only the columns the filters need and gives every row the code of the
 first filter that drops it; the ID and URL lists are looked up in numpy between the two halves
@@ -44,7 +53,7 @@ from laionface.io import schemas, storage
 from laionface.layout import HOST_PATTERN, METADATA_REASONS
 from laionface.stages.metadata import idlists
 from laionface.stages.metadata.idlists import IdList
-from laionface.stages.metadata.inputs import MetadataError, column_map
+from laionface.stages.metadata.inputs import MetadataError, column_map, score_map
 
 # Rows a parts task holds at a time (a DuckDB record batch): its memory is this, plus 9 bytes
 # per row kept, whatever the size of the file's row groups.
@@ -63,8 +72,9 @@ def _number(value: float) -> str:
     return f"{_text(repr(float(value)))}::DOUBLE"
 
 
-def _laion_columns(mapping: dict[str, str]) -> str:
-    """SELECT list putting the input's columns under LAION's names and types (null if absent)."""
+def _laion_columns(mapping: dict[str, str], scores: dict[str, str]) -> str:
+    """SELECT list putting the input's columns under LAION's names and types (null if absent),
+    then the filter-only `scores` columns ({scan name: input column}) as DOUBLE."""
     exprs = []
     for field in schemas.LAION_METADATA:
         name = mapping[field.name]
@@ -78,6 +88,7 @@ def _laion_columns(mapping: dict[str, str]) -> str:
         else:
             expr = f"{column}::{_SQL_TYPES[field.name]}"
         exprs.append(f"{expr} AS {field.name}")
+    exprs += [f"{_ident(column)}::DOUBLE AS {name}" for name, column in scores.items()]
     return ", ".join(exprs + ["file_row_number AS source_row"])
 
 
@@ -126,8 +137,17 @@ def _pass_conditions(section: MetadataSection) -> dict[str, str]:
         conditions["url_scheme"] = f"CASE WHEN {exact} THEN true ELSE {folded} END"
     if s.blocked_domains:
         conditions["blocked_domain"] = f"NOT {_blocked_host(s.blocked_domains)}"
+    if s.licenses:
+        conditions["license"] = f"LICENSE IN ({', '.join(_text(v) for v in s.licenses)})"
     if s.nsfw:
         conditions["nsfw"] = f"upper(NSFW) IN ({', '.join(_text(v.upper()) for v in s.nsfw)})"
+    for score in ("punsafe", "pwatermark"):
+        limit = getattr(s, f"max_{score}")
+        if limit is not None:
+            # The bound at float32 precision, the scores' own (LAION-5B, COYO): a stored 0.8
+            # passes max 0.8 although float32(0.8) is 0.8000000119 as a double.
+            bound = f"{_text(repr(float(limit)))}::FLOAT::DOUBLE"
+            conditions[f"max_{score}"] = f"{score} <= {bound} AND NOT isnan({score})"
     if s.min_similarity is not None:
         low = _number(s.min_similarity)
         conditions["min_similarity"] = f"similarity >= {low} AND NOT isnan(similarity)"
@@ -190,10 +210,17 @@ def _connection(source: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _scan(source: str, start: int, stop: int, mapping: dict[str, str]) -> str:
-    """The task's rows [start, stop) of `source` under LAION's names, as a subquery."""
+def _scan(
+    source: str,
+    start: int,
+    stop: int,
+    mapping: dict[str, str],
+    scores: dict[str, str] | None = None,
+) -> str:
+    """The task's rows [start, stop) of `source` under LAION's names (and the filter-only
+    `scores` columns), as a subquery."""
     return (
-        f"(SELECT {_laion_columns(mapping)} "
+        f"(SELECT {_laion_columns(mapping, scores or {})} "
         f"FROM read_parquet({_text(source)}, file_row_number = true) "
         f"WHERE file_row_number >= {start} AND file_row_number < {stop})"
     )
@@ -252,8 +279,8 @@ def reason_codes(
     if wants_urls:
         # Hashed in Python (idlists.url_hashes) only where a list filter still looks at the row.
         columns.append("CASE WHEN early = 0 THEN URL END AS URL")
-    mapping = column_map(section.columns)
-    sql = f"SELECT {', '.join(columns)} FROM {_scan(source, start, stop, mapping)}"
+    scan = _scan(source, start, stop, column_map(section.columns), score_map(section.columns))
+    sql = f"SELECT {', '.join(columns)} FROM {scan}"
     for batch in _batches(_connection(source), sql, source, start, stop):
         codes = batch.column("early").to_numpy().copy()
         undecided = codes == 0

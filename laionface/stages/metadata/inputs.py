@@ -35,6 +35,9 @@ LAION_NAMES = {
     "nsfw": "NSFW",
     "similarity": "similarity",
 }
+# metadata.columns field -> name in the scan, for the columns only a filter reads (max_punsafe,
+# max_pwatermark): the scan reads them, the download shards do not carry them.
+SCORE_NAMES = {"punsafe": "punsafe", "pwatermark": "pwatermark"}
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,19 @@ _ACCEPTED_KINDS = {
     "LICENSE": ("string",),
     "NSFW": ("string",),
     "similarity": ("integer", "float"),
+    "punsafe": ("integer", "float"),
+    "pwatermark": ("integer", "float"),
 }
 
 
 def column_map(columns: MetadataColumns) -> dict[str, str]:
     """LAION name -> input column name ("" for a column the input lacks)."""
     return {laion: getattr(columns, field) for field, laion in LAION_NAMES.items()}
+
+
+def score_map(columns: MetadataColumns) -> dict[str, str]:
+    """Scan name -> input column name of the filter-only columns that are set."""
+    return {name: getattr(columns, f) for f, name in SCORE_NAMES.items() if getattr(columns, f)}
 
 
 def inspect_input(url: str, columns: MetadataColumns) -> InputFile:
@@ -128,7 +138,7 @@ def inspect_input(url: str, columns: MetadataColumns) -> InputFile:
             f"{url}: not a readable parquet file ({exc}); is it truncated or another format?"
         ) from None
     names = schema.names
-    for field, laion in LAION_NAMES.items():
+    for field, laion in {**LAION_NAMES, **SCORE_NAMES}.items():
         name = getattr(columns, field)
         if not name:
             continue
