@@ -16,7 +16,7 @@ everywhere else; no other module spells a path segment or a shard format.
       faces/NNNNN.parquet, select/NNNNN.parquet   one per raw shard
       dedup/                               samples/, reference/, bands/, pairs/ (steps),
                                            decisions.parquet, drops.parquet
-      emit/                                plan.parquet, members/, dataset.json (pending)
+      emit/                                members/, dataset.json (pending)
       dataset/                             the published dataset (laionface.dataset.contract)
       audit/                               funnel.parquet, shards.parquet, report.html
       STEP/_done/SHARD.json                the completion marker of each shard of a step
@@ -353,10 +353,6 @@ class RunLayout:
         return self.dedup("pairs", f"{partition}.parquet")
 
     # emit and the dataset
-
-    @property
-    def emit_plan(self) -> str:
-        return self.path(EMIT, "plan.parquet")
 
     def emit_members(self, shard: str) -> str:
         return self.path(EMIT, "members", f"{shard}.parquet")

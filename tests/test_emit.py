@@ -22,8 +22,7 @@ from laionface.dataset.verify import verify
 from laionface.engine.runner import StageFailed
 from laionface.io import storage
 from laionface.io.tars import iter_members
-from laionface.stages.emit.shard import EmitError
-from laionface.stages.emit.stage import plan_samples
+from laionface.stages.emit.plan import EmitError, kept_keys, plan_samples
 from tests import datasetrun
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -317,26 +316,45 @@ def test_emit_needs_current_dedup_decisions(built, tmp_path):
     table = storage.read_parquet(str(decisions))
     storage.write_parquet(table.slice(1), str(decisions))
     with pytest.raises(EmitError, match="stale; re-run the dedup and emit stages"):
-        plan_samples(str(run), dedup_required=True)
+        plan_samples(str(run), True, run_here)
     decisions.unlink()
     with pytest.raises(EmitError, match="run the dedup stage first"):
-        plan_samples(str(run), dedup_required=True)
+        plan_samples(str(run), True, run_here)
     # With dedup disabled, select's output is published: the duplicate comes back.
-    assert len(plan_samples(str(run), dedup_required=False)) == 20
+    assert plan_samples(str(run), False, run_here).total == 20
 
 
 def test_emit_refuses_a_raw_shard_without_select_output(built, tmp_path):
     run = datasetrun.copy_run(built, tmp_path)
     (run / "select" / "00002.parquet").unlink()
     with pytest.raises(EmitError, match=r"select/00002\.parquet\): run the faces and select"):
-        plan_samples(str(run), dedup_required=True)
+        plan_samples(str(run), True, run_here)
 
 
-def test_plan_table_is_sorted_by_raw_shard_then_key(built):
-    ordered = plan_samples(str(built.run), dedup_required=True)
-    pairs = list(zip(ordered["raw_shard"].to_pylist(), ordered["key"].to_pylist(), strict=True))
+def test_plan_orders_samples_by_raw_shard_then_key(built):
+    plan = plan_samples(str(built.run), True, run_here)
+    pairs = [
+        (raw, key)
+        for raw in plan.raws
+        for key in kept_keys(str(built.run), raw, plan.dedup).to_pylist()
+    ]
     assert pairs == sorted(pairs) and [k for _, k in pairs] == built.published_keys
-    assert ordered.schema == pa.schema([("raw_shard", pa.string()), ("key", pa.string())])
+    assert plan.counts == [sum(raw == r for raw, _ in pairs) for r in plan.raws]
+
+
+def test_a_decision_for_a_key_of_no_select_shard_is_stale(built, tmp_path):
+    run = datasetrun.copy_run(built, tmp_path)
+    decisions = run / "dedup" / "decisions.parquet"
+    table = storage.read_parquet(str(decisions))
+    stray = table.slice(0, 1).set_column(0, "key", pa.array(["999990000"]))
+    storage.write_parquet(pa.concat_tables([table, stray]), str(decisions))
+    with pytest.raises(EmitError, match="1 decision\\(s\\) for keys of no select shard"):
+        plan_samples(str(run), True, run_here)
+
+
+def run_here(fn, kwargs: list[dict]) -> list:
+    """plan_samples's per-raw-shard tasks, run in this process."""
+    return [fn(**k) for k in kwargs]
 
 
 def test_max_shard_bytes_cuts_shards_before_they_pass_the_size(built, tmp_path):

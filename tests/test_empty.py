@@ -52,6 +52,9 @@ def check_empty_dataset(run: Path) -> dict:
     assert "0 samples in 0 shards" in card and "This dataset is empty" in card
     assert verify(str(dataset)) == []
     assert meta["funnel"]["conservation"] == "ok" and meta["funnel"]["kept"] == 0
+    # Every stage ran, on nothing: each is in the funnel, none is "without output".
+    assert [s["stage"] for s in meta["funnel"]["stages"]] == list(STAGE_ORDER)
+    assert meta["funnel"]["missing_stages"] == []
     assert (run / "audit" / "funnel.parquet").exists()
     state = json.loads((run / "run.json").read_text())
     assert {name: state["stages"][name]["status"] for name in STAGE_ORDER} == dict.fromkeys(

@@ -370,10 +370,12 @@ def emit(
         inputs = dict(outcome)
     else:
         inputs = {s: f["final"] for s, f in fates.items()}
-        repeated += sum(f["emit"]["repeated"] for f in fates.values())
+        # Read key by key only where the dataset has shards (none: nothing was published).
+        published = [f["emit"] for f in fates.values() if "emit" in f]
+        repeated += sum(p["repeated"] for p in published)
         _unknown_problem(
             figures,
-            [f["emit"]["unknown"] for f in fates.values()],
+            [p["unknown"] for p in published],
             lambda n, e: (
                 f"{n} published samples were not kept by the stages before (e.g."
                 f" {e}): the dataset is stale"

@@ -32,7 +32,7 @@ from laionface.audit.model import (
     StageFigures,
     pct,
 )
-from laionface.audit.read import num_rows, recorded_settings, run_config
+from laionface.audit.read import num_rows, recorded_settings, run_config, run_stages
 from laionface.audit.shards import Mapper
 from laionface.config import DedupSection, MetadataSection
 from laionface.dataset import contract
@@ -57,6 +57,15 @@ def present_stages(run_url: str) -> dict[str, bool]:
         "dedup": storage.exists(layout.dedup_decisions),
         "emit": bool(counts.dataset_shards(run_url)),
     }
+
+
+def _ran_on_nothing(name: str, finished: set[str], stages: list, present: dict) -> bool:
+    """Whether stage `name`, without output, ran on nothing: run.json says it finished and the
+    stage before it kept no row (for the first stage: no later stage has output either), as
+    after an input of no rows. Then it counts, with 0 rows; otherwise its output is missing."""
+    if name not in finished:
+        return False
+    return stages[-1].kept == 0 if stages else not any(present.values())
 
 
 def _dedup_enabled(run_url: str) -> bool:
@@ -190,13 +199,15 @@ def funnel(run_url: str, upto: str | None = None, client: Any = None) -> Funnel:
         raise ValueError(f"unknown stage {upto!r}; the stages are {', '.join(STAGE_ORDER)}")
     wanted = STAGE_ORDER[: STAGE_ORDER.index(upto) + 1] if upto else STAGE_ORDER
     present = {name: ok for name, ok in present_stages(run_url).items() if name in wanted}
-    if not any(present.values()):
+    finished = {n for n, record in run_stages(run_url).items() if record.get("status") == "done"}
+    if not any(present.values()) and not finished & set(wanted):
         raise _no_output(run_url)
     disabled = [] if _dedup_enabled(run_url) else ["dedup"]
     mapper = shards.local_mapper if client is None else shards.dask_mapper(client)
     counter = _Counter(run_url, present, mapper)
     stages: list[StageFigures] = []
     for name in wanted:
+        present[name] = present[name] or _ran_on_nothing(name, finished, stages, present)
         if not present[name]:
             if name not in disabled:
                 counter.upstream = None  # a gap: the next stage can't be checked against it

@@ -71,9 +71,14 @@ def run_config(run_url: str) -> dict[str, Any]:
     return {}
 
 
-def recorded_settings(run_url: str, stage: str) -> dict[str, Any]:
-    """The settings run.json records for `stage` (those it last ran with; {} if none)."""
+def run_stages(run_url: str) -> dict[str, dict[str, Any]]:
+    """run.json's record of each stage and step ({} without run.json)."""
     run_json = RunLayout(run_url).run_json
     if not storage.exists(run_json):
         return {}
-    return storage.read_json(run_json).get("stages", {}).get(stage, {}).get("settings") or {}
+    return storage.read_json(run_json).get("stages") or {}
+
+
+def recorded_settings(run_url: str, stage: str) -> dict[str, Any]:
+    """The settings run.json records for `stage` (those it last ran with; {} if none)."""
+    return run_stages(run_url).get(stage, {}).get("settings") or {}

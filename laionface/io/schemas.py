@@ -187,6 +187,3 @@ REFERENCE_HASHES = pa.schema(
 
 # The published dataset's files (dataset/NNNNN.parquet, manifest.parquet) are the dataset
 # contract's: laionface.dataset.contract.
-
-# emit/plan.parquet: the published samples in order, one row group per dataset shard.
-EMIT_PLAN = pa.schema([("shard", pa.int32()), ("raw_shard", pa.string()), ("key", pa.string())])

@@ -1,12 +1,13 @@
 """One dataset shard, written by a worker: its tar (copy mode), its parquet and manifest rows.
 
-A task reads its slice of emit/plan.parquet (one row group), then for each raw shard in it the
-raw parquet, faces and select rows of its samples and, in one sequential pass, the raw tar's
-members; image bytes are spooled (in memory up to SPOOL_IN_MEMORY_BYTES, then on local disk)
-and copied untouched into the new tar. Every file is written atomically.
+A task gets its spans of the plan (plan.Span: a raw shard and a range of its published keys),
+recomputes those keys (plan.kept_keys, checked against the plan's digest), then for each raw
+shard reads the raw parquet, faces and select rows of its samples and, in one sequential pass,
+the raw tar's members; image bytes are spooled (in memory up to SPOOL_IN_MEMORY_BYTES, then on
+local disk) and copied untouched into the new tar. Every file is written atomically.
 
 `sample_sizes` (for emit.max_shard_bytes) measures, per raw shard, the bytes each sample will
-take in a dataset tar, from the same records and the raw tar's member sizes, before the plan.
+take in a dataset tar, from the same records and the raw tar's member sizes, before the cut.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from laionface.io import storage
 from laionface.io.imagedecode import phash_to_hex
 from laionface.io.tars import HashingReader, HashingWriter, Member, TarWriter, members_of
 from laionface.layout import RunLayout, shard_name
+from laionface.stages.emit.plan import EmitError, kept_keys, keys_digest
 
 # Image members are kept in memory up to this size per shard, then spooled to local disk.
 SPOOL_IN_MEMORY_BYTES = 256 * 1024 * 1024
@@ -35,10 +37,6 @@ SPOOL_IN_MEMORY_BYTES = 256 * 1024 * 1024
 
 def _is_image(member: Member) -> bool:
     return contract.is_image_ext(member.ext)
-
-
-class EmitError(RuntimeError):
-    """The stage outputs emit needs are missing or inconsistent; the message says what to run."""
 
 
 def _number_or_none(value: float | None) -> float | None:
@@ -141,21 +139,15 @@ def _shard_records(layout: RunLayout, raw_shard: str, keys: list[str], min_score
     return records
 
 
-def _read_plan(plan_url: str, shard: int) -> tuple[list[str], list[str]]:
-    fs, path = storage.fs_for(plan_url)
-    with fs.open(path, "rb") as handle:
-        table = pq.ParquetFile(handle).read_row_group(shard)
-    if pc.any(pc.not_equal(table.column("shard"), shard)).as_py():
-        raise EmitError(f"{plan_url}: row group {shard} is not shard {shard}; re-run emit")
-    return table.column("raw_shard").to_pylist(), table.column("key").to_pylist()
-
-
-def _groups(raw_shards: list[str], keys: list[str]) -> dict[str, list[str]]:
-    """raw shard -> its keys, in plan order (a raw shard's keys are contiguous in the plan)."""
-    out: dict[str, list[str]] = {}
-    for raw_shard, key in zip(raw_shards, keys, strict=True):
-        out.setdefault(raw_shard, []).append(key)
-    return out
+def published_keys(run_url: str, raw: str, dedup: bool, digest: str) -> list[str]:
+    """Raw shard `raw`'s published keys, checked to be those the plan was made from."""
+    keys = kept_keys(run_url, raw, dedup)
+    if keys_digest(keys) != digest:
+        raise EmitError(
+            f"select/{raw}.parquet or the dedup decisions changed after emit planned its shards: "
+            "re-run the emit stage"
+        )
+    return keys.to_pylist()
 
 
 def _raw_tar(layout: RunLayout, raw_shard: str) -> tuple[str, str]:
@@ -255,22 +247,29 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def write_dataset_shard(
     *,
     run_url: str,
-    plan_url: str,
+    spans: list[tuple[str, int, int]],
+    digests: dict[str, str],
+    dedup: bool,
     shard: int,
     mode: str,
     min_score: float,
     dataset_url: str,
     members_url: str,
 ) -> dict:
-    """Write dataset shard `shard` (copy: tar + parquet; manifest: parquet) and its manifest rows."""
+    """Write dataset shard `shard` (copy: tar + parquet; manifest: parquet) and its manifest
+    rows: the published samples `spans` name ((raw shard, start, stop) of its kept keys)."""
     layout = RunLayout(run_url)
     name = shard_name(shard)
-    raw_shards, keys = _read_plan(plan_url, shard)
+    groups = {
+        raw: published_keys(run_url, raw, dedup, digests[raw])[start:stop]
+        for raw, start, stop in spans
+    }
+    keys = [key for shard_keys in groups.values() for key in shard_keys]
     records: dict[str, dict] = {}
     found: dict[str, dict] = {}
     sources: dict[str, dict] = {}
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
-        for raw_shard, shard_keys in _groups(raw_shards, keys).items():
+        for raw_shard, shard_keys in groups.items():
             records.update(_shard_records(layout, raw_shard, shard_keys, min_score))
             relative, members, source = _sample_members(
                 layout, raw_shard, shard_keys, keep_images=mode == "copy", sink=spool
@@ -302,14 +301,17 @@ def write_dataset_shard(
     return stats
 
 
-def sample_sizes(*, run_url: str, raw_shard: str, keys: list[str], min_score: float) -> dict:
-    """The bytes each of `keys` (samples of one raw shard) will take in a dataset tar, in the
-    order of `keys`: its three members' headers, data and padding (contract.sample_bytes).
+def sample_sizes(
+    *, run_url: str, raw_shard: str, dedup: bool, digest: str, min_score: float
+) -> dict:
+    """The bytes each published sample of raw shard `raw_shard` will take in a dataset tar, in
+    order: its three members' headers, data and padding (contract.sample_bytes).
 
     Reads the same records write_dataset_shard writes and the image sizes from the raw tar's
     headers; returns {"items": n, "bytes": [...]}, which the plan cuts shards by.
     """
     layout = RunLayout(run_url)
+    keys = published_keys(run_url, raw_shard, dedup, digest)
     records = _shard_records(layout, raw_shard, keys, min_score)
     _, url = _raw_tar(layout, raw_shard)
     image_sizes: dict[str, int] = {}
