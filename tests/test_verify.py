@@ -14,7 +14,8 @@ from PIL import Image
 
 from laionface.dataset import contract
 from laionface.dataset.takedown import Selectors, takedown
-from laionface.dataset.verify import image_problem, verify
+from laionface.dataset.verify import verify
+from laionface.dataset.verify_shard import image_problem, sample_json_problems, schema_problems
 from laionface.io import storage
 from laionface.io.tars import TarWriter, UnsafeTar, iter_members
 from tests import datasetrun
@@ -166,6 +167,37 @@ def test_manifest_offsets_must_point_at_the_members(dataset):
     key = table.column("key")[2].as_py()
     problems = verify(str(dataset))
     assert f"manifest.parquet: key {key}: image_offset do not match its tar" in problems
+
+
+def test_a_manifest_row_for_no_shard_of_the_dataset_is_named(dataset):
+    table = storage.read_parquet(str(dataset / "manifest.parquet"))
+    stray = table.slice(0, 1).set_column(
+        table.schema.get_field_index("shard"), "shard", pa.array(["00099"])
+    )
+    storage.write_parquet(pa.concat_tables([table, stray]), str(dataset / "manifest.parquet"))
+    problems = verify(str(dataset))
+    assert "manifest.parquet: 1 row(s) for shards that are not in the dataset" in problems
+
+
+def test_the_fast_sample_check_agrees_with_the_full_schema(built):
+    with open(built.dataset / "00000.tar", "rb") as handle:
+        samples = [
+            json.loads(data)
+            for m, data in iter_members(handle, source="00000.tar")
+            if m.ext == "json"
+        ]
+    broken = [
+        dict(samples[0], n_faces="2"),
+        dict(samples[0], faces=[{"box": [0, 0, 1]}]),
+        dict(samples[0], key="a.b"),
+        {k: v for k, v in samples[0].items() if k != "url"},
+        dict(samples[0], extra=1),
+        dict(samples[0], similarity="high"),
+    ]
+    for sample in samples + broken:
+        full = schema_problems(sample, contract.SAMPLE_JSON_SCHEMA, "s.json")
+        assert sample_json_problems(sample, "s.json") == full
+    assert all(schema_problems(s, contract.SAMPLE_JSON_SCHEMA, "s.json") for s in broken)
 
 
 def test_sizes_and_shardindex_must_match_the_tars(dataset):

@@ -52,7 +52,8 @@ from laionface.dataset import contract
 from laionface.dataset.contract import TAKEDOWN_REASONS
 from laionface.dataset.phashmatch import ReferenceHashes
 from laionface.dataset.publish import PublishError, place_file, sha256_of
-from laionface.dataset.verify import file_sizes, schema_problems
+from laionface.dataset.verify import file_sizes
+from laionface.dataset.verify_shard import schema_problems
 from laionface.engine.lease import holding
 from laionface.engine.markers import now_iso
 from laionface.engine.runfolder import software_versions
