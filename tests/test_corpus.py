@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from laionface.demo.corpus import (
     CorpusError,
     build_corpus,
 )
+from laionface.io.storage import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,6 +245,31 @@ def test_rebuilding_is_a_no_op_and_an_incomplete_corpus_is_rebuilt(small_corpora
     (tmp_path / "c" / "images" / "stray.jpg").write_bytes(b"left over")
     build_corpus(tmp_path / "c", seed=built.seed, n_images=100)
     assert _digests(tmp_path / "c") == _digests(built.root)
+
+
+def test_pictures_are_on_disk_as_they_are_rendered_and_a_killed_build_is_redone(
+    demo_corpus, tmp_path
+):
+    """The builder writes each picture once encoded (its memory does not grow with the rows): a
+    build killed halfway has pictures on disk, and the next build there writes the same corpus."""
+    out = tmp_path / "interrupted"
+    code = f"from laionface.demo.corpus import build_corpus; build_corpus({str(out)!r}, seed=0)"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        spooled = 0
+        deadline = time.monotonic() + 240
+        while process.poll() is None and spooled < 20 and time.monotonic() < deadline:
+            spooled = len(list(out.glob(f"{TEMP_PREFIX}*/*")))
+            time.sleep(0.05)
+        assert process.poll() is None, "the build ended before its pictures were on disk"
+        assert spooled >= 20
+    finally:
+        process.kill()
+        process.wait()
+    assert not (out / "corpus.json").exists()
+    build_corpus(out, seed=0)
+    assert _digests(out) == _digests(demo_corpus.root)
+    assert [p.name for p in out.iterdir() if p.name.startswith(TEMP_PREFIX)] == []
 
 
 def test_bad_requests_fail_clearly(tmp_path):
