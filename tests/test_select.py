@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from laionface.config import SelectSection
 from laionface.io import schemas, storage
-from laionface.selection import decide
+from laionface.layout import SELECT_REASONS
+from laionface.selection import COUNTED, classes, decide, decide_table
 from laionface.stages.select import select_shard
 
 
@@ -84,3 +86,50 @@ def test_select_shard_writes_one_decision_per_image(tmp_path):
     assert table.column("counted").to_pylist() == [[True, False, False], [], [True]]
     assert table.column("n_faces").to_pylist() == [1, 0, 0]
     assert stats == {"items": 3, "kept": 1, "dropped": {"no_face": 1, "decode_error": 1}}
+
+
+def _random_faces_table(rng: np.random.Generator, rows: int) -> pa.Table:
+    """Rows of a faces parquet with values on and around every threshold of RULES_GRID."""
+    edges = np.array([0.5, 0.8, 0.9, 0.95, 0.99, 0.899999, 0.900001], np.float32)
+    sides = np.array([20, 32, 63.9, 64, 64.1, 96, 128, 300], np.float32)
+    out = []
+    for i in range(rows):
+        n = int(rng.integers(0, 6))
+        faces = []
+        for _ in range(n):
+            x1, y1 = rng.integers(0, 400, 2).astype(np.float32)
+            w, h = rng.choice(sides, 2)
+            faces.append(face(x1, y1, x1 + w, y1 + h, float(rng.choice(edges))))
+        sample = row(
+            faces if (n or i % 7) else None,
+            width=int(rng.choice([64, 99, 100, 640, 1000])),
+            height=int(rng.choice([100, 480, 800])),
+            error=("broken" if i % 29 == 0 else "" if i % 31 == 0 else None),
+            key=f"{i:09d}",
+        )
+        out.append(sample)
+    return pa.Table.from_pylist(out, schema=schemas.FACES)
+
+
+RULES_GRID = [
+    RULES,
+    SelectSection(min_score=0.9, min_faces=2, max_faces=None, min_face_size=32),
+    SelectSection(min_score=0.95, min_faces=1, min_face_size=96, min_face_fraction=0.01),
+    SelectSection(min_score=0.8, min_faces=1, max_faces=1, min_image_side=100),
+]
+
+
+def test_the_table_decisions_equal_the_row_decisions():
+    table = _random_faces_table(np.random.default_rng(7), 3000)
+    samples = table.to_pylist()
+    seen = set()
+    for rules in RULES_GRID:
+        decided = decide_table(table, rules)
+        counted = decided.counted.to_pylist()
+        for i, sample in enumerate(samples):
+            reason, n_faces = decide(sample, rules)
+            code = -1 if reason is None else SELECT_REASONS.index(reason)
+            assert (decided.reason[i], decided.n_faces[i]) == (code, n_faces), (rules, sample)
+            assert counted[i] == [c == COUNTED for c in classes(sample, rules)], (rules, sample)
+        seen |= set(decided.reason.tolist())
+    assert seen == set(range(-1, len(SELECT_REASONS))), "kept and every reason compared"

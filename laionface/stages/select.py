@@ -11,6 +11,9 @@ detections count (emit publishes that flag with each face).
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import pyarrow as pa
 
 from laionface import selection
@@ -18,7 +21,7 @@ from laionface.config import SelectSection
 from laionface.engine.runner import ShardTask, StageContext
 from laionface.engine.stage import Stage
 from laionface.io import schemas, storage
-from laionface.layout import FACES, SELECT, shard_of_file
+from laionface.layout import FACES, SELECT, SELECT_REASONS, shard_of_file
 
 
 def select_shard(faces_url: str, out_url: str, rules: dict) -> dict:
@@ -27,24 +30,23 @@ def select_shard(faces_url: str, out_url: str, rules: dict) -> dict:
     table = storage.read_parquet(
         faces_url, columns=["key", "SAMPLE_ID", "width", "height", "decode_error", "faces"]
     )
-    rows = []
-    dropped: dict[str, int] = {}
-    for row in table.to_pylist():
-        reason, n_faces = selection.decide(row, section)
-        if reason:
-            dropped[reason] = dropped.get(reason, 0) + 1
-        rows.append(
-            {
-                "key": row["key"],
-                "SAMPLE_ID": row["SAMPLE_ID"],
-                "kept": reason is None,
-                "reason": reason,
-                "n_faces": n_faces,
-                "counted": [c == selection.COUNTED for c in selection.classes(row, section)],
-            }
-        )
-    storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.SELECT), out_url)
-    return {"items": len(rows), "kept": len(rows) - sum(dropped.values()), "dropped": dropped}
+    decided = selection.decide_table(table, section)
+    reasons = np.array([None, *SELECT_REASONS], object)[decided.reason + 1]
+    out = pa.table(
+        {
+            "key": table["key"],
+            "SAMPLE_ID": table["SAMPLE_ID"],
+            "kept": decided.kept,
+            "reason": pa.array(reasons, pa.string()),
+            "n_faces": decided.n_faces,
+            "counted": decided.counted,
+        },
+        schema=schemas.SELECT,
+    )
+    storage.write_parquet(out, out_url)
+    rows = table.num_rows
+    dropped = dict(Counter(r for r in reasons.tolist() if r is not None))
+    return {"items": rows, "kept": rows - sum(dropped.values()), "dropped": dropped}
 
 
 def run(ctx: StageContext) -> None:
