@@ -136,6 +136,60 @@ def _add_audit_commands(commands) -> None:
     )
     report.add_argument("run", help="run folder (any fsspec URL)")
     report.add_argument("--out", help="output file (default: RUN/audit/report.html)")
+    report.add_argument(
+        "--samples", type=int, metavar="N", help="images shown per drop reason (default: 8)"
+    )
+    report.add_argument(
+        "--compare", metavar="RUN_B", help="add a section comparing the run with RUN_B (diff)"
+    )
+    _add_grid(report, "the threshold sweep's grid (default: around the run's thresholds)")
+
+
+def _add_grid(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="select.KEY=V1,V2,...",
+        help=f"{what}; repeat for more keys, every combination is counted",
+    )
+
+
+def _add_compare_commands(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="count what select and dedup would keep over a grid of select thresholds",
+        description="For every combination of the --grid values, the images select would keep "
+        "and those left after dedup, with their counted faces, from the recorded detections "
+        "(nothing is detected again or written). Dedup's recorded clusters are decided again "
+        "among the images kept there; where the grid keeps images the run's select dropped, "
+        "dedup never compared them and the figure after dedup is an upper bound (marked *).",
+        epilog="examples:\n  laionface sweep runs/demo --grid select.min_score=0.8,0.9,0.95 "
+        "--grid select.min_face_size=32,64,96\n  laionface sweep runs/demo --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("run", help="run folder (any fsspec URL)")
+    _add_grid(sweep, "a select key and its values (default: min_score x min_face_size)")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object instead")
+    sweep.add_argument(
+        "--scheduler", default="", help="read the shards on this Dask scheduler's workers"
+    )
+    diff = commands.add_parser(
+        "diff",
+        help="compare two runs: settings, funnels, and the samples one kept and the other not",
+        description="The settings that differ (run.json: the last command's config and each "
+        "stage's recorded settings), the funnels side by side per stage and reason, and the "
+        "keys kept by one run and not the other (counts by the other run's reason, a sample "
+        "of keys; --out writes them all).",
+        epilog="example:\n  laionface diff runs/a runs/b --out a-vs-b.parquet",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    diff.add_argument("run_a", help="run folder A")
+    diff.add_argument("run_b", help="run folder B")
+    diff.add_argument("--json", action="store_true", help="print one JSON object instead")
+    diff.add_argument(
+        "--out", metavar="FILE.parquet", help="write every key kept by one run only (parquet)"
+    )
 
 
 def _add_verify_publish(commands) -> None:
@@ -279,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"laionface {__version__}")
     _add_logging_args(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_demo, _add_audit_commands, _add_verify_publish):
+    for add in (_add_run, _add_demo, _add_audit_commands, _add_compare_commands):
         add(commands)
+    _add_verify_publish(commands)
     _add_export_reference(commands)
     _add_config(commands)
     _add_takedown(commands)
@@ -308,7 +363,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from laionface.audit.report import report_command
 
-    return report_command(args.run, out=args.out)
+    return report_command(
+        args.run, out=args.out, samples=args.samples, compare=args.compare, grid=args.grid
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from laionface.audit.sweep import sweep_command
+
+    return sweep_command(args.run, args.grid, as_json=args.json, scheduler=args.scheduler)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from laionface.audit.diff import diff_command
+
+    return diff_command(args.run_a, args.run_b, as_json=args.json, out=args.out)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -351,6 +420,43 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
     rows = build_reference(args.inputs, args.out)
     print(f"{args.out}: {rows} reference hashes")
+    return 0
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from laionface.dataset.takedown import Selectors, takedown
+
+    selectors = Selectors(
+        ids=args.ids,
+        urls=args.urls,
+        sha256=args.sha256,
+        images=tuple(args.images),
+        max_distance=args.max_distance,
+        keep_only=args.keep_only,
+    )
+    result = takedown(
+        args.dataset,
+        args.out,
+        selectors,
+        name=args.name,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        force=args.force,
+    )
+    for reason, count in result.removed.items():
+        print(f"{reason}: {count:,} removed ({result.listed[reason]:,} listed)")
+    for problem in result.unreadable_images:
+        print(f"--images: not hashed: {problem}", file=sys.stderr)
+    if result.without_phash:
+        print(f"--images: {result.without_phash:,} samples have no pHash and were not compared")
+    gone = result.samples_before - result.samples_after
+    done = "would be" if args.dry_run else "were"
+    print(
+        f"{gone:,} of {result.samples_before:,} samples {done} removed; shards rewritten: "
+        f"{', '.join(result.rewritten) or 'none'}"
+    )
+    if not args.dry_run:
+        print(f"new version: {result.out} (previous dataset.json sha256 {result.previous_sha256})")
     return 0
 
 
@@ -402,48 +508,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_takedown(args: argparse.Namespace) -> int:
-    from laionface.dataset.takedown import Selectors, takedown
-
-    selectors = Selectors(
-        ids=args.ids,
-        urls=args.urls,
-        sha256=args.sha256,
-        images=tuple(args.images),
-        max_distance=args.max_distance,
-        keep_only=args.keep_only,
-    )
-    result = takedown(
-        args.dataset,
-        args.out,
-        selectors,
-        name=args.name,
-        workers=args.workers,
-        dry_run=args.dry_run,
-        force=args.force,
-    )
-    for reason, count in result.removed.items():
-        print(f"{reason}: {count:,} removed ({result.listed[reason]:,} listed)")
-    for problem in result.unreadable_images:
-        print(f"--images: not hashed: {problem}", file=sys.stderr)
-    if result.without_phash:
-        print(f"--images: {result.without_phash:,} samples have no pHash and were not compared")
-    gone = result.samples_before - result.samples_after
-    done = "would be" if args.dry_run else "were"
-    print(
-        f"{gone:,} of {result.samples_before:,} samples {done} removed; shards rewritten: "
-        f"{', '.join(result.rewritten) or 'none'}"
-    )
-    if not args.dry_run:
-        print(f"new version: {result.out} (previous dataset.json sha256 {result.previous_sha256})")
-    return 0
-
-
 COMMANDS = {
     "run": cmd_run,
     "demo": cmd_demo,
     "stats": cmd_stats,
     "report": cmd_report,
+    "sweep": cmd_sweep,
+    "diff": cmd_diff,
     "verify": cmd_verify,
     "publish": cmd_publish,
     "export": cmd_export,

@@ -18,10 +18,14 @@ import pytest
 from PIL import Image
 
 from laionface.audit import plots, report, sheets, stats
+from laionface.audit.diff import diff
 from laionface.audit.html import escape
+from laionface.audit.sweep import sweep
 from laionface.config import SelectSection
 from laionface.io import storage
+from tests import datasetrun
 from tests.test_audit import HOSTILE_CAPTION, HOSTILE_URL, build_run, parse_stats
+from tests.test_sweep import rerun
 
 SECTION_IDS = [sid for sid, _ in report.SECTIONS]
 CHROMIUM_FLAGS = [
@@ -242,12 +246,18 @@ def test_report_numbers_agree_with_stats_and_files(report_run, report_html, caps
     } == per_image
 
 
+def _section(html_text: str, section: str) -> str:
+    """The HTML of one section of the report."""
+    start = html_text.index(f'<section id="{section}">')
+    return html_text[start : html_text.index("</section>", start)]
+
+
 def _cards(html_text: str) -> dict[str, list[str]]:
     """{section or reason anchor: [data-key of each card]} in page order."""
     out: dict[str, list[str]] = {}
     current = None
     for match in re.finditer(
-        r'<(?:section|h3) id="([^"]+)"|<div class="card" data-key="([^"]+)"', html_text
+        r'<(?:section|h3) id="([^"]+)"|<div class="card(?: keeper)?" data-key="([^"]+)"', html_text
     ):
         if match.group(1):
             current = match.group(1)
@@ -277,10 +287,11 @@ def test_contact_sheets_show_kept_and_dropped_images(report_run, report_html):
         shown += len(keys)
     assert shown == len(reasons)  # every reason has fewer images than its sheet holds
     # Decodable images have thumbnails; undecodable ones say why.
-    images = re.findall(r'<div class="card" data-key="[^"]+"><img', report_html)
+    sheets_html = _section(report_html, "kept-samples") + _section(report_html, "dropped-samples")
+    images = re.findall(r'<div class="card" data-key="[^"]+"><img', sheets_html)
     decode_errors = [k for k, r in reasons.items() if r == "decode_error"]
     assert len(images) == len(kept) + len(reasons) - len(decode_errors)
-    assert report_html.count("decode error: decode_failed") == len(decode_errors)
+    assert sheets_html.count("decode error: decode_failed") == len(decode_errors)
 
 
 def test_boxes_are_drawn_in_the_thumbnail_frame():
@@ -335,3 +346,154 @@ def test_a_partial_run_still_has_every_section(report_run, tmp_path):
     assert all(section in doc.ids for section in SECTION_IDS)
     assert "No data: the faces stage has no output" in text
     assert "Stages without output: faces, select, dedup, emit." in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections on how the run was made and what it kept: the demo run, compared with a copy
+# re-selected with stricter thresholds, two cards per drop reason.
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, demo_corpus) -> tuple[Path, Path, str]:
+    """(the demo run, the stricter copy, the report's text as headless Chromium renders it)."""
+    demo = datasetrun.demo_run(tmp_path_factory, demo_corpus)
+    folder = tmp_path_factory.mktemp("compared")
+    stricter = rerun(demo, demo_corpus, folder, "select.min_score=0.95", "select.min_face_size=48")
+    out = folder / "report.html"
+    code = report.report_command(str(demo), out=str(out), samples=2, compare=str(stricter))
+    assert code == 0
+    dumped = _chromium(folder, "--dump-dom", out.resolve().as_uri())
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    assert [line for line in dumped.stderr.splitlines() if "CONSOLE" in line] == []
+    return demo, stricter, dumped.stdout
+
+
+def test_the_new_sections_render_in_chromium(compared):
+    _, _, dom = compared
+    assert all(section in Document(dom).ids for section in SECTION_IDS)
+    for section, images in (("kept-data", 2), ("threshold-sweep", 1), ("timings", 1)):
+        assert _section(dom, section).count('src="data:image/png;base64,') >= images, section
+    assert "No run to compare with" not in dom
+
+
+def test_settings_versions_and_timings_come_from_run_json_and_the_markers(compared):
+    demo, _, dom = compared
+    tables = Tables(dom).tables
+    record = storage.read_json(f"{demo}/run.json")
+    assert ["select", "select.min_score", "0.9"] in tables["settings-table"]
+    assert ["dedup", "dedup.max_distance", "4"] in tables["settings-table"]
+    versions = {row[0]: row[1] for row in tables["versions-table"]}
+    assert versions["laionface"] == record["versions"]["laionface"]
+    timings = {row[0]: row for row in tables["timings-table"]}
+    assert set(timings) == set(record["stages"])
+    faces = timings["faces"]
+    assert faces[4] == f"{record['stages']['faces']['seconds']:,.1f}"
+    markers = [
+        storage.read_json(str(p))["stats"]["seconds"]
+        for p in Path(demo, "faces", "_done").glob("*.json")
+    ]
+    assert faces[7] == f"{max(markers):,.2f}"
+
+
+def test_kept_data_by_license_nsfw_and_domain_agree_with_the_files(compared):
+    demo, _, dom = compared
+    tables = Tables(dom).tables
+    db = duckdb.connect()
+    dataset, given = f"'{demo}/dataset/0*.parquet'", f"'{demo}/metadata/shards/*.parquet'"
+    for table, column in (("license-table", "LICENSE"), ("nsfw-table", "NSFW")):
+        kept = dict(db.execute(f"select {column}, count(*) from {dataset} group by 1").fetchall())
+        rows = dict(db.execute(f"select {column}, count(*) from {given} group by 1").fetchall())
+        shown = {row[0]: (_number(row[1]), _number(row[2])) for row in tables[table]}
+        assert shown == {name: (kept.get(name, 0), n) for name, n in rows.items()}
+    host = "lower(regexp_extract({}, '^[a-z]+://([^/:]+)', 1))"
+    kept = dict(
+        db.execute(f"select {host.format('url')}, count(*) from {dataset} group by 1").fetchall()
+    )
+    rows = dict(
+        db.execute(f"select {host.format('URL')}, count(*) from {given} group by 1").fetchall()
+    )
+    shown = {row[0]: (_number(row[1]), _number(row[2])) for row in tables["kept-domains-table"]}
+    assert shown == {domain: (n, rows[domain]) for domain, n in kept.items()}
+
+
+def test_face_sizes_per_select_decision_agree_with_the_files(compared):
+    demo, _, dom = compared
+    db = duckdb.connect()
+    counted = db.execute(
+        f"""select coalesce(s.reason, 'kept by select'), count(*), sum(len(f.faces))
+            from '{demo}/faces/*.parquet' f join '{demo}/select/*.parquet' s using (key)
+            group by 1"""
+    ).fetchall()
+    shown = Tables(dom).tables["face-size-by-reason-table"]
+    assert {row[0]: (_number(row[1]), _number(row[2])) for row in shown} == {
+        reason: (images, detections) for reason, images, detections in counted
+    }
+
+
+def test_the_sweep_section_shows_the_sweep(compared):
+    demo, _, dom = compared
+    result = sweep(str(demo))
+    shown = Tables(dom).tables["sweep-table"]
+    keys = len(result.grid.keys)
+    assert len(shown) == len(result.points)
+    for row, point in zip(shown, result.points, strict=True):
+        assert [float(v) for v in row[:keys]] == [float(v) for v in point.settings.values()]
+        assert (_number(row[keys]), _number(row[keys + 1])) == (
+            point.select_kept,
+            point.select_faces,
+        )
+        if point.dedup_kept is not None:
+            assert _number(row[keys + 2]) == point.dedup_kept
+        else:
+            assert row[keys + 2] == f"\u2264{point.dedup_kept_at_most:,}"
+        assert (row[-1] == "the run's") == point.is_run
+
+
+def test_each_cluster_shows_its_keeper_beside_the_images_it_dropped(compared):
+    demo, _, dom = compared
+    decisions = {
+        row["key"]: row
+        for row in storage.read_parquet(f"{demo}/dedup/decisions.parquet").to_pylist()
+    }
+    section = _section(dom, "duplicate-images")
+    clusters = {k: v for k, v in _cards(section).items() if k.startswith("cluster-")}
+    assert clusters
+    sizes = {}
+    for row in decisions.values():
+        sizes[row["cluster"]] = sizes.get(row["cluster"], 0) + 1
+    assert len(clusters) == sum(1 for n in sizes.values() if n > 1)  # all, on the demo
+    for anchor, (keeper, *dropped) in clusters.items():
+        assert f'<div class="card keeper" data-key="{keeper}">' in section
+        assert decisions[keeper]["kept"] and anchor == f"cluster-{decisions[keeper]['cluster']}"
+        assert dropped and all(decisions[k]["duplicate_of"] == keeper for k in dropped)
+        assert len(dropped) == sizes[decisions[keeper]["cluster"]] - 1
+
+
+def test_samples_sets_the_cards_per_drop_reason(compared):
+    demo, _, dom = compared
+    cards = _cards(_section(dom, "dropped-samples"))
+    db = duckdb.connect()
+    reasons = db.execute(
+        f"""select reason, count(*) from (
+                select reason from '{demo}/select/*.parquet' where not kept
+                union all
+                select reason from '{demo}/dedup/decisions.parquet' where not kept)
+            group by 1"""
+    ).fetchall()
+    assert {reason: len(cards[report._anchor(reason)]) for reason, _ in reasons} == {
+        reason: min(2, n) for reason, n in reasons
+    }
+
+
+def test_the_compare_section_is_the_diff(compared):
+    demo, stricter, dom = compared
+    result = diff(str(demo), str(stricter))
+    tables = Tables(dom).tables
+    shown = [(row[0], _number(row[2]), _number(row[3])) for row in tables["compare-funnel-table"]]
+    assert shown == [(r["stage"], r["a"], r["b"]) for r in result.funnel]
+    keys = {row[0]: _number(row[1]) for row in tables["compare-keys-table"]}
+    assert keys == {
+        "kept by A, not by B": result.keys.counts["A"],
+        "kept by B, not by A": result.keys.counts["B"],
+    }
+    assert ["stage select", "select.min_score", "0.9", "0.95"] in tables["compare-settings-table"]

@@ -7,6 +7,7 @@ Every text that comes from the data (captions, URLs, domains, error messages, ke
 from __future__ import annotations
 
 import html
+import json
 import re
 from typing import Any
 
@@ -40,6 +41,14 @@ def html_table(header: list[tuple[str, bool]], rows: list[list[str]], **attrs: s
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table{extra}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+SETTING_CHARS = 300
+
+
+def setting_value(value: Any) -> str:
+    """A setting's value as escaped JSON text (long lists cut)."""
+    return escape(json.dumps(value, default=str), SETTING_CHARS)
 
 
 def note(text: str) -> str:

@@ -6,9 +6,11 @@ images and styles, so the file opens offline and a hostile caption can't run any
 that comes from the data (captions, URLs, domains, error messages, keys) goes through
 `html.escape`; URLs are shown as text, never as links.
 
-Sections (stable ids): funnel, download-failures, failures-by-domain, resolution, faces-per-image,
-face-size, scores, duplicates, shards, kept-samples, dropped-samples. A section whose stage has no
-output says so instead of being left out.
+Sections (stable ids, SECTIONS): funnel, download-failures, failures-by-domain, resolution,
+faces-per-image, face-size, face-size-by-reason, scores, threshold-sweep, duplicates,
+duplicate-images, shards, kept-data, kept-domains, kept-samples, dropped-samples, compare,
+settings, timings (the ones on how the run was made and what it kept: sections.py). A section
+whose stage has no output says so instead of being left out.
 
 Contact sheets show random samples (chosen from `run.seed`, so the same run gives the same report)
 with their detections drawn: green for faces select counts, orange for faces that score but are
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from laionface.audit import sections
 from laionface.audit.figures import (
     BOX_EDGES,
     FACE_COUNT_BINS,
@@ -43,6 +47,7 @@ from laionface.audit.plots import barh_plot, figure, hist_plot, png, shard_ticks
 from laionface.audit.read import run_config
 from laionface.audit.shards import CLUSTER_SIZE_CAP, DOMAINS_PER_SHARD, cluster_summary
 from laionface.audit.sheets import (
+    DROPPED_SAMPLES,
     LEGEND,
     URL_CHARS,
     Sample,
@@ -62,12 +67,30 @@ SECTIONS = (
     ("resolution", "Image resolution"),
     ("faces-per-image", "Faces per image"),
     ("face-size", "Face box size"),
+    ("face-size-by-reason", "Face box size per select decision"),
     ("scores", "Detection scores"),
+    ("threshold-sweep", "Threshold sweep"),
     ("duplicates", "Duplicate clusters"),
+    ("duplicate-images", "Duplicate clusters, image by image"),
     ("shards", "Samples per shard"),
+    ("kept-data", "Kept data: license, NSFW, similarity, caption length"),
+    ("kept-domains", "Kept data by domain (top 20)"),
     ("kept-samples", "Kept samples"),
     ("dropped-samples", "Dropped samples"),
+    ("compare", "Compared with another run"),
+    ("settings", "Settings and software versions"),
+    ("timings", "Stage timings"),
 )
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """`laionface report` options: images per drop reason, a run to compare with, the sweep's
+    `--grid` (none: sweep.DEFAULT_GRID around the run's thresholds)."""
+
+    samples: int = DROPPED_SAMPLES
+    compare: str | None = None
+    grid: tuple[str, ...] = ()
 
 
 CSS = """
@@ -91,6 +114,7 @@ overflow-wrap:anywhere}.card img{display:block;max-width:224px;max-height:224px;
 background:#eef0f3;color:#5f6b7c;text-align:center}
 .card .caption{margin:3px 0}.card code{font-size:11px;color:#3c4658}
 .legend span{display:inline-block;padding:0 8px;margin-right:8px;border:2px solid}
+.card.keeper{border:3px solid #137333}
 """
 
 
@@ -482,15 +506,9 @@ def run_settings(run_url: str) -> Config:
     return Config.model_validate({k: data[k] for k in ("run", "faces", "select") if k in data})
 
 
-def build_report(run_url: str, result: Funnel | None = None) -> str:
-    """The report of the run at `run_url`, as one HTML document (`result`: its funnel, when
-    already computed)."""
-    result = result or funnel(run_url)
-    config = run_settings(run_url)
+def _bodies(run_url: str, result: Funnel, config: Config, samples: list[Sample]) -> dict:
     stats = face_stats(run_url, config.select.min_score) if result.stage("faces") else None
-    samples = choose_samples(run_url, result, config.run.seed) if result.stage("select") else []
-    render_samples(run_url, samples, config)
-    bodies = {
+    return {
         "funnel": _section_funnel(result),
         "download-failures": _section_download_failures(result),
         "failures-by-domain": _section_domains(result),
@@ -503,8 +521,27 @@ def build_report(run_url: str, result: Funnel | None = None) -> str:
         "kept-samples": _section_kept(samples, result),
         "dropped-samples": _section_dropped(samples, result),
     }
+
+
+def build_report(
+    run_url: str, result: Funnel | None = None, options: ReportOptions = ReportOptions()
+) -> str:
+    """The report of the run at `run_url`, as one HTML document (`result`: its funnel, when
+    already computed)."""
+    result = result or funnel(run_url)
+    config = run_settings(run_url)
+    samples = (
+        choose_samples(run_url, result, config.run.seed, options.samples)
+        if result.stage("select")
+        else []
+    )
+    render_samples(run_url, samples, config)
+    bodies = {
+        **_bodies(run_url, result, config, samples),
+        **sections.bodies(run_url, result, config, compare=options.compare, grid=options.grid),
+    }
     nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in SECTIONS)
-    sections = "".join(
+    sections_html = "".join(
         f'<section id="{sid}"><h2>{escape(title)}</h2>{bodies[sid]}</section>'
         for sid, title in SECTIONS
     )
@@ -519,24 +556,42 @@ def build_report(run_url: str, result: Funnel | None = None) -> str:
         f"<body><header><h1>laionface report: {escape(config.run.name)}</h1>"
         f"<p>run folder <code>{escape(run_url)}</code>"
         f"{' · created ' + escape(created) if created else ''} · seed {config.run.seed}</p>"
-        f"<nav>{nav}</nav></header><main>{sections}</main></body></html>\n"
+        f"<nav>{nav}</nav></header><main>{sections_html}</main></body></html>\n"
     )
 
 
-def write_report(run_url: str, out: str | None = None, result: Funnel | None = None) -> str:
+def write_report(
+    run_url: str,
+    out: str | None = None,
+    result: Funnel | None = None,
+    options: ReportOptions = ReportOptions(),
+) -> str:
     """Write the report (default `RUN/audit/report.html`) atomically; returns where it went."""
     out = out or RunLayout(run_url).report
-    storage.write_bytes(out, build_report(run_url, result).encode("utf-8"))
+    storage.write_bytes(out, build_report(run_url, result, options).encode("utf-8"))
     return out
 
 
-def report_command(run_url: str, out: str | None = None, stream: TextIO | None = None) -> int:
-    """`laionface report RUN [--out FILE]`: 0 when written from a funnel that adds up, else 1
-    (the report is written all the same, with the problems at the top)."""
+def report_command(
+    run_url: str,
+    out: str | None = None,
+    stream: TextIO | None = None,
+    samples: int | None = None,
+    compare: str | None = None,
+    grid: list[str] | tuple[str, ...] = (),
+) -> int:
+    """`laionface report RUN [--out FILE] [--samples N] [--compare RUN_B] [--grid ...]`: 0 when
+    written from a funnel that adds up, else 1 (the report is written all the same, with the
+    problems at the top)."""
     stream = stream or sys.stdout
+    samples = DROPPED_SAMPLES if samples is None else samples
+    if samples < 0:
+        print(f"error: --samples {samples}: give 0 or more images per reason", file=sys.stderr)
+        return 2
+    options = ReportOptions(samples, compare, tuple(grid))
     try:
         result = funnel(run_url)
-        path = write_report(run_url, out, result)
+        path = write_report(run_url, out, result, options)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

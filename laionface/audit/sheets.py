@@ -68,6 +68,7 @@ class Sample:
     thumbnail: str | None = None  # data URI
     missing: str = ""  # why there is no thumbnail
     faces: str = ""  # "2 faces (1 counted)"
+    keeper: bool = False  # the image dedup kept of its cluster (drawn with a green frame)
 
 
 def _category_counts(result: Funnel) -> dict[str, Counter[str]]:
@@ -107,11 +108,15 @@ def pick_sample_shards(
     return sorted(chosen)
 
 
-def choose_samples(run_url: str, result: Funnel, seed: int) -> list[Sample]:
+def choose_samples(
+    run_url: str, result: Funnel, seed: int, per_reason: int = DROPPED_SAMPLES
+) -> list[Sample]:
+    """KEPT_SAMPLES kept images and `per_reason` of each drop reason of select and dedup, at
+    random (from `seed`), from a few raw shards (pick_sample_shards)."""
     counts = _category_counts(result)
     if not counts:
         return []
-    quota = {c: KEPT_SAMPLES if c == "kept" else DROPPED_SAMPLES for c in counts}
+    quota = {c: KEPT_SAMPLES if c == "kept" else per_reason for c in counts}
     shards = pick_sample_shards(counts, quota, seed)
     candidates: dict[str, list[Sample]] = {}
     layout = RunLayout(run_url)
@@ -147,7 +152,7 @@ def choose_samples(run_url: str, result: Funnel, seed: int) -> list[Sample]:
     chosen = []
     for category in sorted(candidates):
         pool = sorted(candidates[category], key=lambda s: s.key)
-        picked = rng.sample(pool, min(quota.get(category, DROPPED_SAMPLES), len(pool)))
+        picked = rng.sample(pool, min(quota.get(category, per_reason), len(pool)))
         chosen.extend(sorted(picked, key=lambda s: s.key))
     return chosen
 
@@ -263,8 +268,9 @@ def _card(sample: Sample) -> str:
     else:
         image = f'<div class="missing">{escape(sample.missing, 200)}</div>'
     note = f"<div>{escape(sample.note)}</div>" if sample.note else ""
+    kind = "card keeper" if sample.keeper else "card"
     return (
-        f'<div class="card" data-key="{escape(sample.key)}">{image}'
+        f'<div class="{kind}" data-key="{escape(sample.key)}">{image}'
         f"<div><b>{escape(sample.key)}</b> · {escape(sample.faces)}</div>{note}"
         f'<div class="caption">{escape(sample.caption, CAPTION_CHARS)}</div>'
         f"<code>{escape(sample.url, URL_CHARS)}</code></div>"
