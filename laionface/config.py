@@ -230,7 +230,7 @@ class DedupSection(Section):
     # tars, parquet files of hashes (`phash` + `item`, see dedup.build_reference), manifests.
     reference: list[str] = Field(default_factory=list)
     # Where the near-duplicate search runs: "memory" on the driver, "dask" across the workers,
-    # "auto" memory up to 100M distinct hashes. Both give the same decisions.
+    # "auto" memory up to 10M distinct hashes (about 3 GB). Both give the same decisions.
     backend: Literal["auto", "memory", "dask"] = "auto"
 
     @field_validator("reference", mode="before")

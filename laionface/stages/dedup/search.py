@@ -2,7 +2,8 @@
 
 Hashes are searched among their distinct values (equal hashes collapsed first) with the
 multi-index search of `hashindex`:
-- `memory`: in one process (`search_memory`, tables on threads; up to ~100M distinct hashes);
+- `memory`: in one process (`search_memory`, tables on threads; "auto" uses it up to 10M
+  distinct hashes, about 3 GB);
 - `dask`: across workers (`search_dask`): a map step writes each hash file's distinct hashes keyed
   by the top bits of each table's key (`dedup/bands/`, `band_shard`), a reduce step finds the
   pairs of each partition (`dedup/pairs/`, `pair_partition`); both steps resume like any step.

@@ -46,7 +46,11 @@ from laionface.stages.dedup.search import no_pairs, read_pairs, search_dask, sea
 
 log = logging.getLogger("laionface")
 
-MEMORY_BACKEND_MAX_HASHES = 100_000_000
+# The decisions task holds every sample, and with the memory backend the search's tables too:
+# about 300 bytes a hash in all (3.06 GB at 10M hashes, docs/benchmarks.md "Dedup stage"; 345
+# MB for a worker with 481k samples in bench_scale.py). Above this many the search runs on the
+# workers, so that the task stays under 4 GB by itself.
+MEMORY_BACKEND_MAX_HASHES = 10_000_000
 READ_THREADS = 8
 
 
